@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="compactfusion-xdit",
+    version="0.1.0",
+    description="Residual-compressed communication for xDiT (xfuser 0.7.0) parallel diffusion inference",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["compactfusion_xdit", "compactfusion_xdit.*"]),
+    include_package_data=True,
+    package_data={"compactfusion_xdit": ["configs/*.yaml", "models/weights/*"]},
+    install_requires=[
+        "torch>=2.5",
+        "xfuser==0.7.0",
+        "yunchang==0.6.4",
+        "diffusers>=0.33",
+        "transformers>=4.45",
+        "sentencepiece",
+        "protobuf",
+        "pyyaml",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6"],
+        "triton": ["triton>=3.0"],
+        "flash": ["flash-attn"],
+        "bench": ["matplotlib", "scikit-image", "scikit-learn"],
+    },
+    entry_points={"console_scripts": ["xfuser=compactfusion_xdit.cli:main"]},
+)
