@@ -1,0 +1,202 @@
+"""Payload and the Codec base class: the torch reference arithmetic of docs/codec_format.md."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class Payload:
+    """What one coded tensor puts on the wire: `tensors` in wire order (packed data, then scales).
+
+    `shape` and `dtype` are those of the coded 2-D tensor; `codec` is the codec's name.
+    """
+
+    tensors: tuple
+    shape: tuple
+    dtype: torch.dtype
+    codec: str
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes on the wire (equals ``flatten().numel()``)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def flatten(self) -> torch.Tensor:
+        """All tensors' bytes, concatenated in wire order, as one uint8 tensor."""
+        return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in self.tensors])
+
+
+def to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast float32 values to dtype, saturating at dtype's largest finite value (no overflow to inf)."""
+    if dtype != torch.float32:
+        big = torch.finfo(dtype).max
+        values = values.clamp(-big, big)
+    return values.to(dtype)
+
+
+class Codec:
+    """A tensor codec for 2-D (N tokens, C channels) float tensors.
+
+    Subclasses define the wire layout (`layout`), the coding of float32 values (`_encode_values`)
+    and its dequantisation (`_decode_values`). The base class provides plain and residual
+    coding; on CUDA it hands the quantising codecs to the fused Triton kernels
+    (`compactfusion_xdit.codecs.fused`), which produce the same payloads and caches.
+
+        c = codecs.get("int4"); p = c.encode(x); y = c.decode(p)      # plain
+        p = c.encode_residual(x, base)   # sender: codes x - base, base <- reconstruction
+        c.decode_residual(p, base)       # receiver: base <- base + deq(p), bitwise like the sender
+    """
+
+    name = "codec"
+
+    # --- format -------------------------------------------------------------------------------
+    def layout(self, shape: tuple, dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
+        """(shape, dtype) of each wire tensor, in order, for a coded tensor of `shape`/`dtype`."""
+        raise NotImplementedError
+
+    def payload_nbytes(self, shape: tuple, dtype: torch.dtype) -> int:
+        """Exact wire bytes for a tensor of this shape and dtype (independent of its values)."""
+        n, c = _check_shape(shape)
+        return sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in self.layout((n, c), dtype))
+
+    def unflatten(self, buf: torch.Tensor, shape: tuple, dtype: torch.dtype) -> Payload:
+        """Rebuild the payload that `flatten()` produced for a tensor of `shape` and `dtype`."""
+        shape = _check_shape(shape)
+        expected = self.payload_nbytes(shape, dtype)
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != expected:
+            raise ValueError(
+                f"{self.name}: expected a 1-D uint8 buffer of {expected} bytes for shape {shape} {dtype}, "
+                f"got {buf.dtype} of shape {tuple(buf.shape)}"
+            )
+        tensors, offset = [], 0
+        for s, d in self.layout(shape, dtype):
+            size = math.prod(s) * torch.empty((), dtype=d).element_size()
+            chunk = buf[offset : offset + size]
+            if d != torch.uint8:
+                itemsize = torch.empty((), dtype=d).element_size()
+                if chunk.storage_offset() % itemsize:
+                    chunk = chunk.clone()  # dtype views need aligned storage
+                chunk = chunk.view(d)
+            tensors.append(chunk.reshape(s))
+            offset += size
+        return Payload(tensors=tuple(tensors), shape=shape, dtype=dtype, codec=self.name)
+
+    # --- subclass hooks -----------------------------------------------------------------------
+    def _encode_values(self, v: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """Wire tensors for float32 values `v` coded for a tensor of `dtype`."""
+        raise NotImplementedError
+
+    def _decode_values(self, tensors: tuple, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """deq(payload) as float32."""
+        raise NotImplementedError
+
+    # --- plain coding -------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> Payload:
+        """Code x itself."""
+        _check_tensor(x, self.name)
+        if _fused_supports(self.name, x):
+            from . import fused
+
+            return fused.encode(self, x)
+        return self._payload(self._encode_values(x.float(), x.dtype), x)
+
+    def decode_float(self, p: Payload) -> torch.Tensor:
+        """The dequantised values of p, float32."""
+        return self._decode_values(p.tensors, p.shape, p.dtype)
+
+    def decode(self, p: Payload) -> torch.Tensor:
+        """The decoded tensor, in the coded tensor's shape and dtype."""
+        if _fused_supports(self.name, p.tensors[0]):
+            from . import fused
+
+            return fused.decode(self, p)
+        return to_dtype(self.decode_float(p), p.dtype)
+
+    # --- residual coding ----------------------------------------------------------------------
+    def encode_residual(self, x: torch.Tensor, base: torch.Tensor, error_feedback: bool = True) -> Payload:
+        """Code r = x - base; then base <- base + deq(payload) (error feedback) or base <- x, in place."""
+        _check_tensor(x, self.name)
+        _check_base(x, base)
+        if _fused_supports(self.name, x):
+            from . import fused
+
+            return fused.encode_residual(self, x, base, error_feedback)
+        p = self._payload(self._encode_values(x.float() - base.float(), x.dtype), x)
+        if error_feedback:
+            self.decode_residual(p, base)
+        else:
+            base.copy_(x)
+        return p
+
+    def decode_residual(self, p: Payload, base: torch.Tensor) -> None:
+        """Receiver update: base <- base + deq(p), in place (the sender does exactly the same)."""
+        if tuple(base.shape) != tuple(p.shape) or base.dtype != p.dtype:
+            raise ValueError(
+                f"{self.name}: cache {tuple(base.shape)} {base.dtype} does not match payload "
+                f"{tuple(p.shape)} {p.dtype}; reset the channel"
+            )
+        if _fused_supports(self.name, base):
+            from . import fused
+
+            fused.decode_residual(self, p, base)
+            return
+        base.copy_(to_dtype(base.float() + self.decode_float(p), base.dtype))
+
+    def _payload(self, tensors: tuple, x: torch.Tensor) -> Payload:
+        return Payload(tensors=tuple(t.contiguous() for t in tensors), shape=tuple(x.shape), dtype=x.dtype, codec=self.name)
+
+    def __repr__(self) -> str:
+        return f"<codec {self.name}>"
+
+
+def _fused_supports(name: str, x: torch.Tensor) -> bool:
+    if x.device.type == "cpu" and not _interpreting():
+        return False
+    try:
+        from . import fused
+    except ImportError:
+        return False
+    return fused.supports(name, x)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_shape(shape) -> tuple:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"codecs take a 2-D shape (N tokens, C channels) with N, C >= 1; got {shape}")
+    return shape
+
+
+def _check_tensor(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(
+            f"{name}: expected a 2-D tensor (N tokens, C channels), got shape {tuple(x.shape)}; "
+            "reshape it first, e.g. x.reshape(-1, x.shape[-1])"
+        )
+    _check_shape(x.shape)
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected float16, bfloat16 or float32, got {x.dtype}")
+
+
+def _check_base(x: torch.Tensor, base: torch.Tensor) -> None:
+    if base.shape != x.shape or base.dtype != x.dtype or base.device != x.device:
+        raise ValueError(
+            f"base cache {tuple(base.shape)} {base.dtype} on {base.device} does not match x "
+            f"{tuple(x.shape)} {x.dtype} on {x.device}; reset the channel's cache"
+        )
+
+
+def bf16_round(v: torch.Tensor) -> torch.Tensor:
+    """Round float32 to the nearest bfloat16 (ties to even), returned as float32."""
+    return v.to(torch.bfloat16).float()
