@@ -1,0 +1,91 @@
+"""xfuser/yunchang/torch internals, patched in one place: ``install()`` / ``uninstall()``.
+
+    from compactfusion_xdit import patches
+    patches.install()            # before xfuser builds its config; CPU/gloo support where no CUDA
+    ...
+    patches.uninstall()          # every replaced attribute restored exactly
+
+On a machine without CUDA, ``install()`` first makes xfuser importable and runnable over gloo
+(``cpu_gloo``, ``pipefusion_gloo``). Import-time fixes (``cpu_gloo.make_xfuser_importable``) stay
+for the life of the process; run-time replacements are undone by ``uninstall()``.
+
+Compression: each module named in ``COMPRESSION_PATCHES`` that exists in this package provides
+``apply(patcher, compression_config)`` and records every replacement in ``patcher``; ``install``
+calls them in that order, after the CPU/gloo support, when the config compresses anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from compactfusion_xdit.patches._attrs import AttributePatcher
+
+#: One module per xfuser path, applied in this order (missing modules are skipped).
+COMPRESSION_PATCHES = ("ulysses", "ring", "pipefusion", "legacy")
+
+
+class _Installation:
+    """What ``install()`` replaced in this process, so ``uninstall()`` can put it back."""
+
+    def __init__(self) -> None:
+        self.patcher: AttributePatcher | None = None
+        self.compression_config: Any = None
+
+
+_INSTALLATION = _Installation()
+
+
+def install(compression_config: Any = None) -> None:
+    """Apply the CPU/gloo support (where CUDA is unavailable), then the compression patches.
+
+    Idempotent: a second call with the same config does nothing; with a different config the
+    previous installation is undone first."""
+    if _INSTALLATION.patcher is not None:
+        if compression_config is _INSTALLATION.compression_config or compression_config == _INSTALLATION.compression_config:
+            return
+        uninstall()
+    from compactfusion_xdit.patches import cpu_gloo, pipefusion_gloo
+
+    patcher = AttributePatcher()
+    try:
+        cpu_gloo.apply(patcher)
+        pipefusion_gloo.apply(patcher)
+        if compression_config is not None and getattr(compression_config, "enabled", False):
+            modules = _compression_patch_modules()
+            if not modules:
+                raise RuntimeError(
+                    f"compression {compression_config.name!r} asked for, but no compression patch module "
+                    f"({', '.join(COMPRESSION_PATCHES)}) exists in {__name__}; use --compression none"
+                )
+            for module in modules:
+                module.apply(patcher, compression_config)
+    except BaseException:
+        patcher.restore()
+        raise
+    _INSTALLATION.patcher = patcher
+    _INSTALLATION.compression_config = compression_config
+
+
+def _compression_patch_modules() -> list:
+    modules = []
+    for name in COMPRESSION_PATCHES:
+        qualified = f"{__name__}.{name}"
+        try:
+            modules.append(importlib.import_module(qualified))
+        except ModuleNotFoundError as err:
+            if err.name != qualified:
+                raise
+    return modules
+
+
+def uninstall() -> None:
+    """Restore everything ``install()`` replaced. Safe to call when nothing is installed."""
+    if _INSTALLATION.patcher is not None:
+        _INSTALLATION.patcher.restore()
+    _INSTALLATION.patcher = None
+    _INSTALLATION.compression_config = None
+
+
+def is_installed() -> bool:
+    return _INSTALLATION.patcher is not None

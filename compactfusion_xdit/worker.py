@@ -1,0 +1,308 @@
+"""Per-rank entry point: one xfuser run with (optionally) compressed communication.
+
+    torchrun --nproc_per_node 2 -m compactfusion_xdit.worker --model tiny-flux \\
+        --ulysses_degree 2 --num_inference_steps 4 --height 64 --width 64 \\
+        --prompt "a cat" --compression none --output_type latent --output_dir out/
+
+Each rank installs the patches, builds xfuser's configs from the shared argument parser
+(xfuser's own flags plus ours), loads the model (a built-in tiny name or a local diffusers
+folder), and runs the pipeline with the seed. The last rank writes ``output_dir/image_0.png``
+(or ``latents.npy`` with ``--output_type latent``) and ``output_dir/stats.json``.
+
+In-process use (tests): ``run_pipeline(args) -> RunResult`` with ``args`` from ``parse_args``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from compactfusion_xdit import patches
+from compactfusion_xdit.patches import cpu_gloo
+
+#: diffusers pipeline class name (model_index.json ``_class_name``) -> xfuser wrapper class name.
+PIPELINES = {
+    "FluxPipeline": "xFuserFluxPipeline",
+    "PixArtAlphaPipeline": "xFuserPixArtAlphaPipeline",
+    "PixArtSigmaPipeline": "xFuserPixArtSigmaPipeline",
+    "StableDiffusion3Pipeline": "xFuserStableDiffusion3Pipeline",
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class UsageError(ValueError):
+    """A setting the user can fix; the message says what to change."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What one rank produced. ``output`` is the pipeline's output on the rank that writes files
+    (latents tensor for ``--output_type latent``, else a list of PIL images); None elsewhere."""
+
+    rank: int
+    world_size: int
+    is_output_rank: bool
+    output: Any
+    stats: dict
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The shared parser (``compactfusion_xdit.args``), or xfuser's flags plus ours if absent."""
+    try:
+        from compactfusion_xdit import args as shared_args
+    except ImportError:
+        shared_args = None
+    if shared_args is not None and hasattr(shared_args, "build_parser"):
+        return shared_args.build_parser()
+    return _fallback_parser()
+
+
+def _fallback_parser() -> argparse.ArgumentParser:
+    cpu_gloo.make_xfuser_importable()
+    from xfuser import xFuserArgs
+    from xfuser.config import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(description="compactfusion-xdit worker")
+    xFuserArgs.add_cli_args(parser)
+    ours = parser.add_argument_group("compactfusion")
+    ours.add_argument("--compression", default="none", help="compression name, e.g. none, residual-int4")
+    ours.add_argument("--output_dir", default="out", help="where the last rank writes its outputs")
+    ours.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cpu_gloo.make_xfuser_importable()
+    return build_parser().parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# Model resolution and checks (before anything is built)
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(model: str) -> str:
+    """A built-in tiny model name -> its materialised folder; otherwise a local diffusers folder."""
+    try:
+        from compactfusion_xdit.models import tiny
+    except ImportError:
+        tiny = None
+    if tiny is not None and model in getattr(tiny, "BUILTIN_MODELS", ()):
+        return tiny.materialize(model)
+    if not os.path.isdir(model):
+        builtin = ", ".join(getattr(tiny, "BUILTIN_MODELS", ())) if tiny is not None else "none available"
+        raise UsageError(f"--model {model!r} is neither a built-in model ({builtin}) nor a local diffusers folder")
+    if not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise UsageError(f"--model {model!r} has no model_index.json; pass a diffusers folder (save_pretrained output)")
+    return model
+
+
+def pipeline_class_name(model_path: str) -> str:
+    with open(os.path.join(model_path, "model_index.json")) as f:
+        name = json.load(f).get("_class_name")
+    if name not in PIPELINES:
+        raise UsageError(f"model {model_path!r} is a {name}; supported pipelines: {', '.join(PIPELINES)}")
+    return name
+
+
+def _transformer_config(model_path: str) -> dict:
+    path = os.path.join(model_path, "transformer", "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def parallel_settings(args: argparse.Namespace) -> dict:
+    return {
+        "data_parallel": int(getattr(args, "data_parallel_degree", 1) or 1),
+        "ulysses": int(args.ulysses_degree or 1),
+        "ring": int(args.ring_degree or 1),
+        "pipefusion": int(args.pipefusion_parallel_degree or 1),
+        "cfg": 2 if args.use_cfg_parallel else 1,
+        "tensor_parallel": int(getattr(args, "tensor_parallel_degree", 1) or 1),
+        "num_pipeline_patch": int(args.num_pipeline_patch or 1),
+        "warmup_steps": int(args.warmup_steps),
+    }
+
+
+def check_settings(args: argparse.Namespace, model_path: str, class_name: str, world_size: int) -> None:
+    """Reject combinations xfuser would fail on later (or silently mis-handle), one line each."""
+    par = parallel_settings(args)
+    product = par["data_parallel"] * par["ulysses"] * par["ring"] * par["pipefusion"] * par["cfg"] * par["tensor_parallel"]
+    if product != world_size:
+        raise UsageError(
+            f"the parallel degrees multiply to {product} (data {par['data_parallel']} x ulysses {par['ulysses']} x ring "
+            f"{par['ring']} x pipefusion {par['pipefusion']} x cfg {par['cfg']}) but {world_size} ranks were launched; "
+            f"launch {product} ranks or change the degrees"
+        )
+    heads = _transformer_config(model_path).get("num_attention_heads")
+    if heads is not None and heads % par["ulysses"] != 0:
+        raise UsageError(
+            f"the model has {heads} attention heads, not divisible by --ulysses_degree {par['ulysses']}; "
+            f"use a Ulysses degree that divides {heads} (move the rest to --ring_degree)"
+        )
+    if par["cfg"] > 1 and class_name == "FluxPipeline":
+        raise UsageError("Flux has no classifier-free guidance branch to split; drop --use_cfg_parallel")
+    if par["pipefusion"] > 1 and par["num_pipeline_patch"] < par["pipefusion"]:
+        raise UsageError(
+            f"--num_pipeline_patch {par['num_pipeline_patch']} is smaller than --pipefusion_parallel_degree "
+            f"{par['pipefusion']}; use at least one patch per stage"
+        )
+    if args.output_type not in ("pil", "latent"):
+        raise UsageError(f"--output_type {args.output_type!r} is not supported; use pil or latent")
+    if getattr(args, "use_fp8_comms", False) and getattr(args, "compression", "none") != "none":
+        raise UsageError("--use_fp8_comms and --compression both change the Ulysses exchange; use one of them")
+
+
+def model_dtype(args: argparse.Namespace) -> torch.dtype:
+    name = getattr(args, "dtype", None)
+    if name:
+        return DTYPES[name]
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def compression_config(args: argparse.Namespace):
+    from compactfusion_xdit.config import CompressionConfig
+
+    try:
+        return CompressionConfig.parse(getattr(args, "compression", "none") or "none")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def _call_kwargs(pipe, args: argparse.Namespace, input_config, generator) -> dict:
+    import inspect
+
+    wanted = {
+        "height": input_config.height,
+        "width": input_config.width,
+        "prompt": input_config.prompt,
+        "negative_prompt": input_config.negative_prompt,
+        "num_inference_steps": input_config.num_inference_steps,
+        "guidance_scale": input_config.guidance_scale,
+        "max_sequence_length": input_config.max_sequence_length,
+        "use_resolution_binning": input_config.use_resolution_binning,
+        "output_type": input_config.output_type,
+        "generator": generator,
+    }
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def run_pipeline(args: argparse.Namespace) -> RunResult:
+    """Run one request on this rank (torch.distributed env vars set, or a single process)."""
+    config = compression_config(args)
+    patches.install(config)
+    from xfuser import xFuserArgs
+    import xfuser
+    from xfuser.core.distributed import get_runtime_state, get_world_group
+
+    model_path = resolve_model_path(args.model)
+    class_name = pipeline_class_name(model_path)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_settings(args, model_path, class_name, world_size)
+    if not torch.distributed.is_initialized() and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+
+    engine_args = xFuserArgs.from_cli_args(args)
+    engine_args.model = model_path
+    engine_config, input_config = engine_args.create_config()
+    dtype = model_dtype(args)
+    engine_config.runtime_config.dtype = dtype  # sizes PipeFusion receive buffers (default fp16)
+
+    pipeline_cls = getattr(xfuser, PIPELINES[class_name])
+    pipe = pipeline_cls.from_pretrained(model_path, engine_config=engine_config, torch_dtype=dtype)
+    device = torch.device("cuda", get_world_group().local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    pipe = pipe.to(device)
+    generator = torch.Generator(device="cpu").manual_seed(input_config.seed)
+
+    start = time.perf_counter()
+    out = pipe(**_call_kwargs(pipe, args, input_config, generator))
+    elapsed = time.perf_counter() - start
+
+    world = get_world_group()
+    is_output_rank = world.rank == world.world_size - 1
+    output = out.images if (is_output_rank and out is not None) else None
+    stats = {
+        "world_size": world.world_size,
+        "elapsed_s": elapsed,
+        "model": args.model,
+        "pipeline": class_name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "height": input_config.height,
+        "width": input_config.width,
+        "num_inference_steps": input_config.num_inference_steps,
+        "seed": input_config.seed,
+        "parallel": parallel_settings(args),
+        "compression": config.name,
+        "compression_config": config.to_dict(),
+        "attention_backend": get_runtime_state().attention_backend.name,
+    }
+    result = RunResult(world.rank, world.world_size, is_output_rank, output, stats)
+    get_runtime_state().destroy_distributed_env()
+    return result
+
+
+def write_outputs(result: RunResult, output_dir: str, output_type: str) -> list[str]:
+    """Write the output rank's files; returns the paths written."""
+    import numpy as np
+
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    if output_type == "latent":
+        path = os.path.join(output_dir, "latents.npy")
+        np.save(path, result.output.detach().float().cpu().numpy())
+        written.append(path)
+    else:
+        for i, image in enumerate(result.output):
+            path = os.path.join(output_dir, f"image_{i}.png")
+            image.save(path)
+            written.append(path)
+    stats_path = os.path.join(output_dir, "stats.json")
+    with open(stats_path, "w") as f:
+        json.dump({**result.stats, "outputs": [os.path.basename(p) for p in written]}, f, indent=2)
+    return written + [stats_path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = os.environ.get("RANK", "0")
+    try:
+        args = parse_args(argv)
+        result = run_pipeline(args)
+        if result.is_output_rank:
+            for path in write_outputs(result, args.output_dir, args.output_type):
+                print(f"wrote {path}")
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # one line for users; CFX_DEBUG=1 shows the traceback
+        if os.environ.get("CFX_DEBUG"):
+            raise
+        print(f"error (rank {rank}): {type(err).__name__}: {err}  [set CFX_DEBUG=1 for the traceback]", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
