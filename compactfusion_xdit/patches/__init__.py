@@ -9,8 +9,9 @@ On a machine without CUDA, ``install()`` first makes xfuser importable and runna
 (``cpu_gloo``, ``pipefusion_gloo``). Import-time fixes (``cpu_gloo.make_xfuser_importable``) stay
 for the life of the process; run-time replacements are undone by ``uninstall()``.
 
-Compression: each module named in ``COMPRESSION_PATCHES`` that exists in this package provides
-``apply(patcher, compression_config)`` and records every replacement in ``patcher``; ``install``
+Compression: ``install`` builds one `CompressionSession` (config, residual state, communicators)
+for the process, available as ``patches.session()``. Each module named in ``COMPRESSION_PATCHES``
+provides ``apply(patcher, session)`` and records every replacement in ``patcher``; ``install``
 calls them in that order, after the CPU/gloo support, when the config compresses anything.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 from compactfusion_xdit.patches._attrs import AttributePatcher
 
 #: One module per xfuser path, applied in this order (missing modules are skipped).
-COMPRESSION_PATCHES = ("ulysses", "ring", "pipefusion", "legacy")
+COMPRESSION_PATCHES = ("lifecycle", "ulysses", "ring", "pipefusion", "legacy")
 
 
 class _Installation:
@@ -31,6 +32,7 @@ class _Installation:
     def __init__(self) -> None:
         self.patcher: AttributePatcher | None = None
         self.compression_config: Any = None
+        self.session: Any = None
 
 
 _INSTALLATION = _Installation()
@@ -58,8 +60,12 @@ def install(compression_config: Any = None) -> None:
                     f"compression {compression_config.name!r} asked for, but no compression patch module "
                     f"({', '.join(COMPRESSION_PATCHES)}) exists in {__name__}; use --compression none"
                 )
+            from compactfusion_xdit.session import CompressionSession
+
+            session = CompressionSession(compression_config)
             for module in modules:
-                module.apply(patcher, compression_config)
+                module.apply(patcher, session)
+            _INSTALLATION.session = session
     except BaseException:
         patcher.restore()
         raise
@@ -85,6 +91,12 @@ def uninstall() -> None:
         _INSTALLATION.patcher.restore()
     _INSTALLATION.patcher = None
     _INSTALLATION.compression_config = None
+    _INSTALLATION.session = None
+
+
+def session():
+    """The `CompressionSession` of the current installation (None when compression is off)."""
+    return _INSTALLATION.session
 
 
 def is_installed() -> bool:
