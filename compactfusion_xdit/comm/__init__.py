@@ -1,0 +1,12 @@
+"""Compressed communicator: collectives over torch.distributed that carry residual-coded payloads.
+
+    from compactfusion_xdit.comm import CompressedCommunicator
+    comm = CompressedCommunicator(ResidualState(CompressionConfig.parse("residual-int4")), group)
+    y = comm.all_to_all(("ulysses", layer, "qkv"), x)
+"""
+
+from compactfusion_xdit.comm.communicator import FALLBACK_TAG_OFFSET, CompressedCommunicator, link_key
+from compactfusion_xdit.comm.pending import Pending
+from compactfusion_xdit.comm.ring import RingExchange
+
+__all__ = ["CompressedCommunicator", "Pending", "RingExchange", "FALLBACK_TAG_OFFSET", "link_key"]

@@ -1,0 +1,167 @@
+"""What to compress and how: `CompressionConfig` and the one parser for the names users type.
+
+    CompressionConfig.parse("residual-int4")            # residual channel, int4 codec, error feedback
+    CompressionConfig.parse("residual-int4-noef")       # the same without error feedback (ablation)
+    CompressionConfig.parse("int4")                     # plain quantisation of x (alias "plain-int4")
+    CompressionConfig.parse("residual-lowrank-8", warmup=2, paths="ulysses,ring")
+    CompressionConfig.parse("none")                     # no compression: the raw collectives
+
+Names: ``none``; ``<codec>`` or ``plain-<codec>`` (plain mode: the codec codes x itself);
+``residual-<codec>`` (residual mode with error feedback) and ``residual-<codec>-noef`` (without).
+``<codec>`` is any name `compactfusion_xdit.codecs.get` accepts, user-registered codecs included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+#: The communication paths a config can switch on; a channel key's first element is one of these.
+PATHS = ("ulysses", "ring", "pipefusion", "legacy", "patch", "step")
+#: plain: code x itself; residual: code x minus the receiver's cache; none: send raw.
+MODES = ("plain", "residual", "none")
+
+_RESIDUAL_PREFIX = "residual-"
+_PLAIN_PREFIX = "plain-"
+_NO_EF_SUFFIX = "-noef"
+
+
+def _codec_names() -> list[str]:
+    from compactfusion_xdit import codecs
+
+    return [n for n in codecs.names() if n != "none"]
+
+
+def valid_names() -> list[str]:
+    """Every spelling `CompressionConfig.parse` accepts (``<R>`` stands for a positive integer)."""
+    names = ["none"]
+    for codec in _codec_names():
+        names += [codec, _PLAIN_PREFIX + codec, _RESIDUAL_PREFIX + codec, _RESIDUAL_PREFIX + codec + _NO_EF_SUFFIX]
+    return names
+
+
+def _check_codec(codec: str, typed: str) -> None:
+    from compactfusion_xdit import codecs
+
+    try:
+        codecs.get(codec)
+    except ValueError as err:
+        raise ValueError(
+            f"unknown compression {typed!r} ({err}). "
+            f"Valid names: {', '.join(valid_names())}"
+        ) from None
+
+
+def _normalise_paths(paths: str | Iterable[str]) -> tuple[str, ...]:
+    if isinstance(paths, str):
+        items = [p.strip() for p in paths.split(",") if p.strip()]
+    else:
+        items = list(paths)
+    if items == ["all"]:
+        return PATHS
+    unknown = [p for p in items if p not in PATHS]
+    if unknown:
+        raise ValueError(f"unknown compression path(s) {unknown}; valid paths: {', '.join(PATHS)} (or 'all')")
+    if not items:
+        raise ValueError(f"compression paths must name at least one of {', '.join(PATHS)} (or 'all')")
+    return tuple(p for p in PATHS if p in items)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How one process compresses its exchanges (immutable; build it with `parse`).
+
+    codec: codec name (`codecs.get`); ``"none"`` exactly when mode is ``"none"``.
+    mode: ``plain`` codes x, ``residual`` codes x minus the cache both sides hold, ``none`` sends raw.
+    error_feedback: residual mode only; on, the sender caches the receiver's reconstruction so each
+        step's coding error is carried into the next residual; off, it caches x (ablation).
+    warmup: the first `warmup` steps of a request send raw tensors (and seed the caches).
+    paths: the communication paths that compress; the others send raw.
+    check: verify that sender and receiver caches stay bitwise equal (slow; for debugging).
+    """
+
+    codec: str = "none"
+    mode: str = "none"
+    error_feedback: bool = True
+    warmup: int = 1
+    paths: tuple[str, ...] = PATHS
+    check: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown compression mode {self.mode!r}; valid modes: {', '.join(MODES)}")
+        if (self.mode == "none") != (self.codec == "none"):
+            raise ValueError(
+                f"codec {self.codec!r} with mode {self.mode!r}: codec 'none' goes with mode 'none' and only with it"
+            )
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0 (raw steps at the start of a request), got {self.warmup!r}")
+        object.__setattr__(self, "paths", _normalise_paths(self.paths))
+        if self.codec != "none":
+            _check_codec(self.codec, self.codec)
+
+    @classmethod
+    def parse(cls, name: "str | CompressionConfig | None", **overrides: Any) -> "CompressionConfig":
+        """Build a config from a typed name (see the module docstring) plus field overrides.
+
+        ``overrides`` set fields after parsing, e.g. ``error_feedback=False``, ``warmup=2``,
+        ``paths="ulysses,ring"`` (a comma list, an iterable or ``"all"``), ``check=True``.
+        A config passes through (with the overrides applied); ``None`` means ``"none"``.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown compression setting(s) {unknown}; valid settings: {', '.join(sorted(fields))}")
+        if isinstance(name, CompressionConfig):
+            return dataclasses.replace(name, **overrides)
+        if name is None:
+            name = "none"
+        if not isinstance(name, str):
+            raise ValueError(f"compression must be a name such as 'residual-int4', got {type(name).__name__}")
+        typed = name
+        text = name.strip()
+        if text == "none":
+            return cls(**{"codec": "none", "mode": "none", **overrides})
+        error_feedback = True
+        if text.startswith(_RESIDUAL_PREFIX):
+            mode, codec = "residual", text[len(_RESIDUAL_PREFIX):]
+            if codec.endswith(_NO_EF_SUFFIX):
+                codec, error_feedback = codec[: -len(_NO_EF_SUFFIX)], False
+        elif text.startswith(_PLAIN_PREFIX):
+            mode, codec = "plain", text[len(_PLAIN_PREFIX):]
+        else:
+            mode, codec = "plain", text
+        if codec.endswith(_NO_EF_SUFFIX):
+            raise ValueError(f"{typed!r}: '-noef' only applies to residual names, e.g. 'residual-int4-noef'")
+        if codec in ("", "none"):
+            raise ValueError(f"unknown compression {typed!r}; use 'none' for no compression. Valid names: {', '.join(valid_names())}")
+        _check_codec(codec, typed)
+        settings = {"codec": codec, "mode": mode, "error_feedback": error_feedback, **overrides}
+        return cls(**settings)
+
+    @property
+    def name(self) -> str:
+        """The canonical name: ``parse(config.name)`` gives back codec, mode and error feedback."""
+        if self.mode == "none":
+            return "none"
+        if self.mode == "plain":
+            return self.codec
+        return _RESIDUAL_PREFIX + self.codec + ("" if self.error_feedback else _NO_EF_SUFFIX)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def compresses(self, path: str) -> bool:
+        """Whether messages on `path` are coded (raw otherwise). Unknown paths are an error."""
+        if path not in PATHS:
+            raise ValueError(f"unknown communication path {path!r}; valid paths: {', '.join(PATHS)}")
+        return self.mode != "none" and path in self.paths
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for stats files and logs."""
+        d = dataclasses.asdict(self)
+        d["paths"] = list(self.paths)
+        d["name"] = self.name
+        return d
