@@ -20,7 +20,8 @@ class AbsmaxCodec(Codec):
         return [((n, packed_width(c, self.bits)), torch.uint8), ((n,), torch.bfloat16)]
 
     def _encode_values(self, v, dtype):
-        s = bf16_round(v.abs().amax(dim=1) / self.qmax)[:, None]
+        a = v.abs().amax(dim=1)
+        s = bf16_round(a / torch.full_like(a, self.qmax))[:, None]  # a tensor divisor: CUDA would multiply by 1/qmax
         q = torch.where(s > 0, torch.clamp(torch.round(v / s), -self.qmax, self.qmax), 0.0)
         codes = (q + self.offset).to(torch.uint8)
         return pack(codes, self.bits), s.squeeze(1).to(torch.bfloat16)
@@ -46,7 +47,8 @@ class Int2Codec(Codec):
         return [((n, packed_width(c, 2)), torch.uint8), ((n,), torch.bfloat16)]
 
     def _encode_values(self, v, dtype):
-        d = bf16_round((v.abs().sum(dim=1) / v.shape[1]) * 1.25)[:, None]
+        total = v.abs().sum(dim=1)
+        d = bf16_round((total / torch.full_like(total, v.shape[1])) * 1.25)[:, None]
         q = torch.where(d > 0, torch.clamp(torch.floor(v / d), -2.0, 1.0), 0.0)
         return pack((q + 2).to(torch.uint8), 2), d.squeeze(1).to(torch.bfloat16)
 
