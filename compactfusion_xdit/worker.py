@@ -9,7 +9,17 @@ Each rank installs the patches, builds xfuser's configs from the shared argument
 folder), and runs the pipeline with the seed. The last rank writes ``output_dir/image_0.png``
 (or ``latents.npy`` with ``--output_type latent``) and ``output_dir/stats.json``.
 
-In-process use (tests): ``run_pipeline(args) -> RunResult`` with ``args`` from ``parse_args``.
+Compression: ``--compression NAME`` with ``--compression-warmup N``, ``--compression-paths LIST``,
+``--compression-no-ef`` builds the `CompressionConfig` handed to ``patches.install``.
+``stats.json`` then carries the traffic summed over all ranks: ``raw_bytes`` (what the
+uncompressed exchanges would send), ``sent_bytes``, ``ratio``, ``paths: {path: {raw_bytes,
+sent_bytes, messages}}``, and ``cache_consistent`` (``--compression-check``: sender and receiver
+caches compared bitwise across ranks after every step and after the run; null when not checked).
+``--compression-stats`` prints the per-path table on rank 0. With ``--compression none`` nothing is
+counted (zeros, ratio 1.0).
+
+In-process use (tests): ``run_pipeline(args) -> RunResult`` with ``args`` from ``parse_args``; or
+``load_pipeline(args)`` once, then ``call_pipeline(loaded, args, prompt=..., height=...)`` per request.
 """
 
 from __future__ import annotations
@@ -79,7 +89,18 @@ def _fallback_parser() -> argparse.ArgumentParser:
     parser = FlexibleArgumentParser(description="compactfusion-xdit worker")
     xFuserArgs.add_cli_args(parser)
     ours = parser.add_argument_group("compactfusion")
+    # FlexibleArgumentParser rewrites "--a-b" to "--a_b" before matching: both spellings are registered.
     ours.add_argument("--compression", default="none", help="compression name, e.g. none, residual-int4")
+    ours.add_argument("--compression-warmup", "--compression_warmup", dest="compression_warmup", type=int, default=1,
+                      help="raw steps at the start of each request (they seed the residual caches)")
+    ours.add_argument("--compression-paths", "--compression_paths", dest="compression_paths", default="all",
+                      help="comma list of paths to compress (ulysses,ring,pipefusion,legacy,patch,step) or all")
+    ours.add_argument("--compression-no-ef", "--compression_no_ef", dest="compression_no_ef", action="store_true",
+                      help="ablation: residual mode without error feedback")
+    ours.add_argument("--compression-check", "--compression_check", dest="compression_check", action="store_true",
+                      help="after each step verify sender/receiver caches bitwise across ranks (stats: cache_consistent)")
+    ours.add_argument("--compression-stats", "--compression_stats", dest="compression_stats", action="store_true",
+                      help="print the per-path byte table on rank 0")
     ours.add_argument("--output_dir", default="out", help="where the last rank writes its outputs")
     ours.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     return parser
@@ -177,17 +198,26 @@ def model_dtype(args: argparse.Namespace) -> torch.dtype:
 
 
 def compression_config(args: argparse.Namespace):
+    """The `CompressionConfig` of the ``--compression*`` flags (``compactfusion_xdit.args`` reads them)."""
     from compactfusion_xdit.config import CompressionConfig
 
     try:
-        return CompressionConfig.parse(getattr(args, "compression", "none") or "none")
+        from compactfusion_xdit import args as shared_args
+    except ImportError:
+        shared_args = None
+    try:
+        if shared_args is not None and hasattr(shared_args, "compression_config"):
+            return shared_args.compression_config(args)
+        overrides = {
+            "warmup": getattr(args, "compression_warmup", None),
+            "paths": getattr(args, "compression_paths", None),
+            "check": bool(getattr(args, "compression_check", False)) or None,
+            "error_feedback": False if getattr(args, "compression_no_ef", False) else None,
+        }
+        return CompressionConfig.parse(getattr(args, "compression", "none") or "none",
+                                       **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as err:
         raise UsageError(str(err)) from None
-
-
-# --------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------
 
 
 def _call_kwargs(pipe, args: argparse.Namespace, input_config, generator) -> dict:
@@ -209,13 +239,29 @@ def _call_kwargs(pipe, args: argparse.Namespace, input_config, generator) -> dic
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
-def run_pipeline(args: argparse.Namespace) -> RunResult:
-    """Run one request on this rank (torch.distributed env vars set, or a single process)."""
+@dataclasses.dataclass
+class Loaded:
+    """A rank's ready pipeline: xfuser's configs built, model loaded, compression installed."""
+
+    pipe: Any
+    input_config: Any
+    class_name: str
+    dtype: torch.dtype
+    config: Any  # CompressionConfig
+
+
+def load_pipeline(args: argparse.Namespace) -> Loaded:
+    """Install the patches, build xfuser's configs (initialises torch.distributed) and load the model."""
     config = compression_config(args)
     patches.install(config)
+    session = patches.session()
+    if session is not None:  # an installation reused by a second run in this process counts afresh
+        session.state.reset_stats()
+        if getattr(session, "lifecycle", None) is not None:
+            session.lifecycle.reset_checks()
     from xfuser import xFuserArgs
     import xfuser
-    from xfuser.core.distributed import get_runtime_state, get_world_group
+    from xfuser.core.distributed import get_world_group
 
     model_path = resolve_model_path(args.model)
     class_name = pipeline_class_name(model_path)
@@ -234,21 +280,39 @@ def run_pipeline(args: argparse.Namespace) -> RunResult:
     pipeline_cls = getattr(xfuser, PIPELINES[class_name])
     pipe = pipeline_cls.from_pretrained(model_path, engine_config=engine_config, torch_dtype=dtype)
     device = torch.device("cuda", get_world_group().local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    pipe = pipe.to(device)
-    generator = torch.Generator(device="cpu").manual_seed(input_config.seed)
+    return Loaded(pipe.to(device), input_config, class_name, dtype, config)
 
+
+def call_pipeline(loaded: Loaded, args: argparse.Namespace, **overrides) -> Any:
+    """One request (``pipe(...)``) with the run's settings; `overrides` replace call arguments
+    (e.g. ``prompt=``, ``height=``, ``width=``). The generator is seeded afresh each call."""
+    generator = torch.Generator(device="cpu").manual_seed(loaded.input_config.seed)
+    kwargs = _call_kwargs(loaded.pipe, args, loaded.input_config, generator)
+    kwargs.update(overrides)
+    return loaded.pipe(**kwargs)
+
+
+def run_pipeline(args: argparse.Namespace) -> RunResult:
+    """Run one request on this rank (torch.distributed env vars set, or a single process)."""
+    from xfuser.core.distributed import get_runtime_state, get_world_group
+
+    loaded = load_pipeline(args)
+    input_config, config, dtype = loaded.input_config, loaded.config, loaded.dtype
     start = time.perf_counter()
-    out = pipe(**_call_kwargs(pipe, args, input_config, generator))
+    out = call_pipeline(loaded, args)
     elapsed = time.perf_counter() - start
 
     world = get_world_group()
     is_output_rank = world.rank == world.world_size - 1
+    traffic = compression_traffic(patches.session())
+    if getattr(args, "compression_stats", False) and world.rank == 0:
+        print(format_traffic(traffic))
     output = out.images if (is_output_rank and out is not None) else None
     stats = {
         "world_size": world.world_size,
         "elapsed_s": elapsed,
         "model": args.model,
-        "pipeline": class_name,
+        "pipeline": loaded.class_name,
         "dtype": str(dtype).replace("torch.", ""),
         "height": input_config.height,
         "width": input_config.width,
@@ -258,10 +322,53 @@ def run_pipeline(args: argparse.Namespace) -> RunResult:
         "compression": config.name,
         "compression_config": config.to_dict(),
         "attention_backend": get_runtime_state().attention_backend.name,
+        **traffic,
     }
     result = RunResult(world.rank, world.world_size, is_output_rank, output, stats)
     get_runtime_state().destroy_distributed_env()
     return result
+
+
+def compression_traffic(session) -> dict:
+    """Bytes over every rank (collective over the world group when a session exists): ``raw_bytes``
+    (what the uncompressed exchanges would send), ``sent_bytes``, ``ratio``, per path
+    ``{"raw_bytes", "sent_bytes", "messages"}``, and ``cache_consistent`` (None unless checked).
+    Without a session (``--compression none``) nothing is counted: zeros, ratio 1.0."""
+    if session is None:
+        return {"raw_bytes": 0, "sent_bytes": 0, "ratio": 1.0, "paths": {}, "cache_consistent": None}
+    lifecycle = getattr(session, "lifecycle", None)
+    if lifecycle is not None and getattr(session.config, "check", False):
+        lifecycle.check_caches()  # every message of the request has been received by now
+    local = session.stats()
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    paths: dict[str, dict[str, int]] = {}
+    for stats in gathered:
+        for path, counts in stats["paths"].items():
+            total = paths.setdefault(path, {"raw_bytes": 0, "sent_bytes": 0, "messages": 0})
+            for k in total:
+                total[k] += counts[k]
+    raw = sum(p["raw_bytes"] for p in paths.values())
+    sent = sum(p["sent_bytes"] for p in paths.values())
+    consistent = None
+    if lifecycle is not None and lifecycle.cache_consistent is not None:
+        consistent = lifecycle.cache_consistent
+        if not consistent:
+            print("residual caches diverged:\n" + "\n".join(lifecycle.mismatches[:20]), file=sys.stderr)
+    return {"raw_bytes": raw, "sent_bytes": sent, "ratio": raw / sent if sent else 1.0, "paths": paths,
+            "cache_consistent": consistent}
+
+
+def format_traffic(traffic: dict) -> str:
+    """The per-path byte table ``--compression-stats`` prints."""
+    rows = [("path", "messages", "raw bytes", "sent bytes", "ratio")]
+    for path, p in sorted(traffic["paths"].items()):
+        ratio = p["raw_bytes"] / p["sent_bytes"] if p["sent_bytes"] else 1.0
+        rows.append((path, str(p["messages"]), str(p["raw_bytes"]), str(p["sent_bytes"]), f"{ratio:.2f}x"))
+    rows.append(("total", str(sum(p["messages"] for p in traffic["paths"].values())), str(traffic["raw_bytes"]),
+                 str(traffic["sent_bytes"]), f"{traffic['ratio']:.2f}x"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
 
 
 def write_outputs(result: RunResult, output_dir: str, output_type: str) -> list[str]:
