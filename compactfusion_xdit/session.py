@@ -30,6 +30,9 @@ class CompressionSession:
         self.state = ResidualState(self.config)
         self.requests = 0
         self._comms: dict[Any, CompressedCommunicator] = {}
+        # Set by the xfuser patches that drive this session (patches/lifecycle.py, patches/pipefusion.py):
+        self.lifecycle: Any = None  # step tracker; holds the outcome of per-step cache checks
+        self.pipefusion: Any = None  # PipeFusion channel counters and message log of the request
 
     def comm(self, group: dist.ProcessGroup | None = None) -> CompressedCommunicator:
         """The communicator over `group` (None: the world), created once per group."""
