@@ -1,0 +1,146 @@
+"""The command-line flags: xfuser's own (``xFuserArgs.add_cli_args``) plus ours, one parser.
+
+    from compactfusion_xdit import args
+    ns = args.build_parser().parse_args(["--model", "tiny-flux", "--ulysses_degree", "2",
+                                         "--compression", "residual-int4"])
+    config = args.compression_config(ns)        # CompressionConfig from every --compression* flag
+
+Used by the launcher (`compactfusion_xdit.cli`, the ``xfuser`` command) and by each rank
+(`compactfusion_xdit.worker`). Like xfuser's parser, dashes and underscores in flag names are
+interchangeable (``--compression-warmup`` == ``--compression_warmup``).
+
+`build_parser` imports xfuser (about 10 s on CPU). `add_compactfusion_args` and
+`add_launcher_args` do not, so the launcher can check our flags before paying for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+#: ``--dtype`` spellings (the worker maps them to torch dtypes).
+DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+
+
+def _compression_name(value: str) -> str:
+    from compactfusion_xdit.config import CompressionConfig
+
+    try:
+        CompressionConfig.parse(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value.strip()
+
+
+def _compression_paths(value: str) -> str:
+    from compactfusion_xdit.config import CompressionConfig
+
+    try:
+        CompressionConfig.parse("none", paths=value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def _both_spellings(flag: str) -> list[str]:
+    """``--a-b`` and ``--a_b``: xfuser's parser rewrites every dash to an underscore before
+    matching, so the underscore spelling must exist; the dashed one is what users read."""
+    underscored = "--" + flag[2:].replace("-", "_")
+    return [flag] if underscored == flag else [flag, underscored]
+
+
+def add_compactfusion_args(parser: argparse.ArgumentParser) -> None:
+    """Our flags: compression, outputs, dtype. Defaults keep xfuser's plain behaviour."""
+    group = parser.add_argument_group("compactfusion (compressed communication)")
+    group.add_argument(*_both_spellings("--compression"), dest="compression", default="none", type=_compression_name,
+                       metavar="NAME", help="none (default), e.g. residual-int4, residual-1bit, residual-lowrank-8, "
+                       "residual-int4-noef, int8 (plain quantisation)")
+    group.add_argument(*_both_spellings("--compression-warmup"), dest="compression_warmup", default=1,
+                       type=_non_negative_int, metavar="N", help="first N steps of a request send raw tensors (default 1)")
+    group.add_argument(*_both_spellings("--compression-paths"), dest="compression_paths", default="all",
+                       type=_compression_paths, metavar="LIST",
+                       help="comma list of ulysses,ring,pipefusion,legacy,patch,step, or all (default)")
+    group.add_argument(*_both_spellings("--compression-no-ef"), dest="compression_no_ef", action="store_true",
+                       help="residual mode without error feedback (ablation)")
+    group.add_argument(*_both_spellings("--compression-check"), dest="compression_check", action="store_true",
+                       help="after each step verify sender/receiver caches bitwise across ranks (slow)")
+    group.add_argument(*_both_spellings("--compression-stats"), dest="compression_stats", action="store_true",
+                       help="print the per-path byte table on rank 0")
+    group.add_argument(*_both_spellings("--output_dir"), dest="output_dir", default="out", metavar="DIR",
+                       help="the last rank writes image_0.png (or latents.npy) and stats.json here (default out)")
+    group.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                       help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> None:
+    """torchrun's placement flags, read by the ``xfuser`` launcher only (ranks ignore them)."""
+    group = parser.add_argument_group("launcher (torchrun)")
+    group.add_argument(*_both_spellings("--nproc_per_node"), dest="nproc_per_node", type=int, default=None,
+                       metavar="N", help="ranks on this node (default: the product of the parallel degrees / --nnodes)")
+    group.add_argument(*_both_spellings("--nnodes"), dest="nnodes", type=int, default=1, metavar="N",
+                       help="number of nodes (default 1)")
+    group.add_argument(*_both_spellings("--node_rank"), dest="node_rank", type=int, default=0, metavar="R",
+                       help="this node's index (default 0)")
+    group.add_argument(*_both_spellings("--master_addr"), dest="master_addr", default=None, metavar="HOST",
+                       help="rendezvous host (default 127.0.0.1)")
+    group.add_argument(*_both_spellings("--master_port"), dest="master_port", type=int, default=None, metavar="PORT",
+                       help="rendezvous port (default: a free port on a single node, 29500 with --nnodes > 1)")
+
+
+#: The flags `add_launcher_args` defines (underscore spelling), all taking one value.
+LAUNCHER_FLAGS = ("--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """xfuser's ``FlexibleArgumentParser`` with ``xFuserArgs.add_cli_args`` plus our flags.
+
+    Imports xfuser (made importable on CPU first).
+    """
+    from compactfusion_xdit.patches import cpu_gloo
+
+    cpu_gloo.make_xfuser_importable()
+    from xfuser import xFuserArgs
+    from xfuser.config import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(
+        prog="xfuser",
+        description="xDiT (xfuser 0.7.0) parallel diffusion inference with compressed communication. "
+        "Launches one rank per device (torchrun); --model takes a built-in (tiny-flux, tiny-pixart, "
+        "tiny-sd3) or a local diffusers folder.",
+    )
+    xFuserArgs.add_cli_args(parser)
+    add_compactfusion_args(parser)
+    add_launcher_args(parser)
+    return parser
+
+
+def compression_config(ns: argparse.Namespace):
+    """The `CompressionConfig` the ``--compression*`` flags of `ns` describe.
+
+    ``--compression-no-ef`` turns error feedback off for a residual name, is a no-op with
+    ``none``, and is an error with a plain codec (it has no error feedback to turn off).
+    """
+    from compactfusion_xdit.config import CompressionConfig
+
+    name = getattr(ns, "compression", "none") or "none"
+    config = CompressionConfig.parse(
+        name,
+        warmup=getattr(ns, "compression_warmup", 1),
+        paths=getattr(ns, "compression_paths", "all"),
+        check=bool(getattr(ns, "compression_check", False)),
+    )
+    if getattr(ns, "compression_no_ef", False) and config.mode != "none":
+        if config.mode != "residual":
+            raise ValueError(f"--compression-no-ef only applies to residual compression, not {name!r}; "
+                             f"use e.g. residual-{config.codec}")
+        config = CompressionConfig.parse(config, error_feedback=False)
+    return config
