@@ -23,7 +23,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "triton>=3.0; platform_machine == 'x86_64'"],
         "triton": ["triton>=3.0"],
         "flash": ["flash-attn"],
         "bench": ["matplotlib", "scikit-image", "scikit-learn"],
