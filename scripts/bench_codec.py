@@ -151,14 +151,15 @@ def main(argv=None) -> int:
                             row["path"] = "torch" if force else "default"
                             rows.append(row)
     bw = copy_bandwidth(device, reps)
-    header = f"{'codec':>10} {'mode':>8} {'path':>7} {'dtype':>8} {'N':>6} {'C':>5} {'enc us':>9} {'enc GB/s':>9} {'dec us':>9} {'dec GB/s':>9} {'x fp16':>7}"
+    header = f"{'codec':>10} {'mode':>8} {'path':>7} {'dtype':>8} {'N':>6} {'C':>5} {'enc us':>9} {'enc GB/s':>9} {'dec us':>9} {'dec GB/s':>9} {'x fp16':>7} {'x dtype':>7}" + (" enc %copy dec %copy" if bw else "")
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           + (f"   copy bandwidth {bw:.0f} GB/s" if bw else ""))
     print(header)
     for r in rows:
         print(f"{r['codec']:>10} {r['mode']:>8} {r['path']:>7} {r['dtype']:>8} {r['N']:>6} {r['C']:>5} "
               f"{r['encode_us']:>9.1f} {r['encode_GBps']:>9.2f} {r['decode_us']:>9.1f} {r['decode_GBps']:>9.2f} "
-              f"{r['ratio_vs_fp16']:>7.2f}")
+              f"{r['ratio_vs_fp16']:>7.2f} {r['ratio_vs_dtype']:>7.2f}"
+              + (f" {100 * r['encode_GBps'] / bw:>9.1f} {100 * r['decode_GBps'] / bw:>9.1f}" if bw else ""))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

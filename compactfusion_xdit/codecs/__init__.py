@@ -35,7 +35,7 @@ _user: dict[str, Callable[[], Codec]] = {}
 
 def names() -> list[str]:
     """Every valid codec name; `lowrank-<R>` stands for any positive integer R."""
-    return list(_BUILTIN) + ["lowrank-<R>"] + sorted(_user)
+    return list(_BUILTIN) + ["lowrank-<R>"] + sorted(n for n in _user if n not in _BUILTIN)
 
 
 def is_valid(name: str) -> bool:

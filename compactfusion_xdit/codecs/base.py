@@ -40,6 +40,14 @@ def to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return values.to(dtype)
 
 
+def saturate_(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """In place: clamp float32 `values` to dtype's finite range, so a later cast cannot give inf."""
+    if dtype != torch.float32:
+        big = torch.finfo(dtype).max
+        values.clamp_(-big, big)
+    return values
+
+
 class Codec:
     """A tensor codec for 2-D (N tokens, C channels) float tensors.
 
@@ -127,7 +135,10 @@ class Codec:
             from . import fused
 
             return fused.encode_residual(self, x, base, error_feedback)
-        p = self._payload(self._encode_values(x.float() - base.float(), x.dtype), x)
+        r = x.to(torch.float32, copy=True)  # copy: x.float() would alias a float32 x
+        r.sub_(base)  # computed in float32: the same bits as x.float() - base.float()
+        p = self._payload(self._encode_values(r, x.dtype), x)
+        del r
         if error_feedback:
             self.decode_residual(p, base)
         else:
@@ -146,7 +157,8 @@ class Codec:
 
             fused.decode_residual(self, p, base)
             return
-        base.copy_(to_dtype(base.float() + self.decode_float(p), base.dtype))
+        total = self.decode_float(p) + base  # promoted to float32: the bits of base.float() + deq
+        base.copy_(saturate_(total, base.dtype))
 
     def _payload(self, tensors: tuple, x: torch.Tensor) -> Payload:
         return Payload(tensors=tuple(t.contiguous() for t in tensors), shape=tuple(x.shape), dtype=x.dtype, codec=self.name)
@@ -156,13 +168,25 @@ class Codec:
 
 
 def _fused_supports(name: str, x: torch.Tensor) -> bool:
-    if x.device.type == "cpu" and not _interpreting():
+    """Whether the fused Triton path (codecs/fused, optional) takes this call.
+
+    False when CFX_FORCE_TORCH=1, on CPU (unless Triton's interpreter is on), or when the fused
+    package or triton cannot be imported: the torch reference then runs.
+    """
+    if _force_torch() or (x.device.type == "cpu" and not _interpreting()):
         return False
     try:
         from . import fused
     except ImportError:
         return False
-    return fused.supports(name, x)
+    supports = getattr(fused, "supports", None)
+    return bool(supports is not None and supports(name, x))
+
+
+def _force_torch() -> bool:
+    import os
+
+    return os.environ.get("CFX_FORCE_TORCH", "0") not in ("", "0")
 
 
 def _interpreting() -> bool:

@@ -2,17 +2,20 @@
 
 import torch
 
-from .base import Codec
+from .base import Codec, saturate_
 
 POWER_ITERATIONS = 2
 SEED = 0x5EED
 
 
 class LowRankCodec(Codec):
-    """x ≈ U Vᵀ with U (N×R') orthonormal, V = xᵀU (C×R'), R' = min(R, N, C); factors in x's dtype.
+    """x ≈ U Vᵀ, rank R' = min(R, N, C); U (N×R') and V (C×R') sent in x's dtype.
 
-    The random start comes from a fixed-seed generator local to the sender; the receiver only
-    multiplies the factors, so no RNG state is shared.
+    Q (N×R', orthonormal columns) comes from randomised subspace iteration and W = xᵀQ; the
+    factors are balanced, U = Q·diag(√w), V = W·diag(1/√w) with w the column norms of W, so that
+    neither factor leaves float16's range (W alone would reach ‖x‖ ≈ √N · max|x|). The random
+    start comes from a fixed-seed generator local to the sender; the receiver only multiplies the
+    factors, so no RNG state is shared.
     """
 
     def __init__(self, rank: int):
@@ -38,7 +41,12 @@ class LowRankCodec(Codec):
         for _ in range(POWER_ITERATIONS):
             z = torch.linalg.qr(v.T @ q).Q
             q = torch.linalg.qr(v @ z).Q
-        return q.to(dtype), (v.T @ q).to(dtype)
+        w = v.T @ q
+        root = torch.linalg.vector_norm(w, dim=0).sqrt_()
+        root = torch.where(root > 0, root, torch.ones_like(root))  # a zero column: leave Q as is
+        u = q.mul_(root)
+        w.div_(root)
+        return saturate_(u, dtype).to(dtype), saturate_(w, dtype).to(dtype)
 
     def _decode_values(self, tensors, shape, dtype):
         u, vt = tensors

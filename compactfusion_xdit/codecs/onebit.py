@@ -26,5 +26,5 @@ class OneBitCodec(Codec):
 
     def _decode_values(self, tensors, shape, dtype):
         data, m, t = tensors
-        sign = unpack(data, 1, shape[1]).float() * 2 - 1
-        return sign * (m.float()[None, :] * t.float()[:, None])
+        sign = unpack(data, 1, shape[1]).float().mul_(2).sub_(1)
+        return sign.mul_(m.float()[None, :] * t.float()[:, None])  # m·t rounded first, then ±1 (exact)

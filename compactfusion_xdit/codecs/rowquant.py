@@ -20,16 +20,19 @@ class AbsmaxCodec(Codec):
         return [((n, packed_width(c, self.bits)), torch.uint8), ((n,), torch.bfloat16)]
 
     def _encode_values(self, v, dtype):
-        a = v.abs().amax(dim=1)
+        lo, hi = torch.aminmax(v, dim=1)
+        a = torch.maximum(hi, lo.neg())  # max |x| without a full-size |x| temporary
         s = bf16_round(a / torch.full_like(a, self.qmax))[:, None]  # a tensor divisor: CUDA would multiply by 1/qmax
-        q = torch.where(s > 0, torch.clamp(torch.round(v / s), -self.qmax, self.qmax), 0.0)
-        codes = (q + self.offset).to(torch.uint8)
+        q = v / s
+        q.round_().clamp_(-self.qmax, self.qmax)  # round = rint (half to even)
+        q.masked_fill_(s == 0, 0.0)  # an all-zero row: 0/0 would be NaN
+        codes = q.add_(self.offset).to(torch.uint8)
         return pack(codes, self.bits), s.squeeze(1).to(torch.bfloat16)
 
     def _decode_values(self, tensors, shape, dtype):
         data, s = tensors
-        q = unpack(data, self.bits, shape[1]).float() - self.offset
-        return q * s.float()[:, None]
+        q = unpack(data, self.bits, shape[1]).float().sub_(self.offset)
+        return q.mul_(s.float()[:, None])
 
 
 class Int2Codec(Codec):
@@ -49,10 +52,12 @@ class Int2Codec(Codec):
     def _encode_values(self, v, dtype):
         total = v.abs().sum(dim=1)
         d = bf16_round((total / torch.full_like(total, v.shape[1])) * 1.25)[:, None]
-        q = torch.where(d > 0, torch.clamp(torch.floor(v / d), -2.0, 1.0), 0.0)
-        return pack((q + 2).to(torch.uint8), 2), d.squeeze(1).to(torch.bfloat16)
+        q = v / d
+        q.floor_().clamp_(-2.0, 1.0)
+        q.masked_fill_(d == 0, 0.0)  # an all-zero row: 0/0 would be NaN
+        return pack(q.add_(2).to(torch.uint8), 2), d.squeeze(1).to(torch.bfloat16)
 
     def _decode_values(self, tensors, shape, dtype):
         data, d = tensors
-        q = unpack(data, 2, shape[1]).float() - 2
-        return (q + 0.5) * d.float()[:, None]
+        q = unpack(data, 2, shape[1]).float().sub_(2)
+        return q.add_(0.5).mul_(d.float()[:, None])
