@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from compactfusion_xdit import args as cli_args
 from compactfusion_xdit import patches
 from compactfusion_xdit.patches import cpu_gloo
 
@@ -70,45 +71,9 @@ class RunResult:
 # --------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The shared parser (``compactfusion_xdit.args``), or xfuser's flags plus ours if absent."""
-    try:
-        from compactfusion_xdit import args as shared_args
-    except ImportError:
-        shared_args = None
-    if shared_args is not None and hasattr(shared_args, "build_parser"):
-        return shared_args.build_parser()
-    return _fallback_parser()
-
-
-def _fallback_parser() -> argparse.ArgumentParser:
-    cpu_gloo.make_xfuser_importable()
-    from xfuser import xFuserArgs
-    from xfuser.config import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(description="compactfusion-xdit worker")
-    xFuserArgs.add_cli_args(parser)
-    ours = parser.add_argument_group("compactfusion")
-    # FlexibleArgumentParser rewrites "--a-b" to "--a_b" before matching: both spellings are registered.
-    ours.add_argument("--compression", default="none", help="compression name, e.g. none, residual-int4")
-    ours.add_argument("--compression-warmup", "--compression_warmup", dest="compression_warmup", type=int, default=1,
-                      help="raw steps at the start of each request (they seed the residual caches)")
-    ours.add_argument("--compression-paths", "--compression_paths", dest="compression_paths", default="all",
-                      help="comma list of paths to compress (ulysses,ring,pipefusion,legacy,patch,step) or all")
-    ours.add_argument("--compression-no-ef", "--compression_no_ef", dest="compression_no_ef", action="store_true",
-                      help="ablation: residual mode without error feedback")
-    ours.add_argument("--compression-check", "--compression_check", dest="compression_check", action="store_true",
-                      help="after each step verify sender/receiver caches bitwise across ranks (stats: cache_consistent)")
-    ours.add_argument("--compression-stats", "--compression_stats", dest="compression_stats", action="store_true",
-                      help="print the per-path byte table on rank 0")
-    ours.add_argument("--output_dir", default="out", help="where the last rank writes its outputs")
-    ours.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    return parser
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cpu_gloo.make_xfuser_importable()
-    return build_parser().parse_args(argv)
+    return cli_args.build_parser().parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,14 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_model_path(model: str) -> str:
     """A built-in tiny model name -> its materialised folder; otherwise a local diffusers folder."""
-    try:
-        from compactfusion_xdit.models import tiny
-    except ImportError:
-        tiny = None
-    if tiny is not None and model in getattr(tiny, "BUILTIN_MODELS", ()):
+    from compactfusion_xdit.models import tiny
+
+    if model in tiny.BUILTIN_MODELS:
         return tiny.materialize(model)
     if not os.path.isdir(model):
-        builtin = ", ".join(getattr(tiny, "BUILTIN_MODELS", ())) if tiny is not None else "none available"
+        builtin = ", ".join(tiny.BUILTIN_MODELS)
         raise UsageError(f"--model {model!r} is neither a built-in model ({builtin}) nor a local diffusers folder")
     if not os.path.isfile(os.path.join(model, "model_index.json")):
         raise UsageError(f"--model {model!r} has no model_index.json; pass a diffusers folder (save_pretrained output)")
@@ -198,24 +161,9 @@ def model_dtype(args: argparse.Namespace) -> torch.dtype:
 
 
 def compression_config(args: argparse.Namespace):
-    """The `CompressionConfig` of the ``--compression*`` flags (``compactfusion_xdit.args`` reads them)."""
-    from compactfusion_xdit.config import CompressionConfig
-
+    """The `CompressionConfig` of the ``--compression*`` flags; a bad value is a usage error."""
     try:
-        from compactfusion_xdit import args as shared_args
-    except ImportError:
-        shared_args = None
-    try:
-        if shared_args is not None and hasattr(shared_args, "compression_config"):
-            return shared_args.compression_config(args)
-        overrides = {
-            "warmup": getattr(args, "compression_warmup", None),
-            "paths": getattr(args, "compression_paths", None),
-            "check": bool(getattr(args, "compression_check", False)) or None,
-            "error_feedback": False if getattr(args, "compression_no_ef", False) else None,
-        }
-        return CompressionConfig.parse(getattr(args, "compression", "none") or "none",
-                                       **{k: v for k, v in overrides.items() if v is not None})
+        return cli_args.compression_config(args)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -257,7 +205,7 @@ def load_pipeline(args: argparse.Namespace) -> Loaded:
     session = patches.session()
     if session is not None:  # an installation reused by a second run in this process counts afresh
         session.state.reset_stats()
-        if getattr(session, "lifecycle", None) is not None:
+        if session.lifecycle is not None:
             session.lifecycle.reset_checks()
     from xfuser import xFuserArgs
     import xfuser
