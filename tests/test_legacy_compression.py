@@ -129,3 +129,97 @@ def test_legacy_bytes_equal_the_codec_payload_arithmetic(residual_int4):
 
 def test_legacy_path_off_leaves_the_exchange_stock(residual_int4):
     assert all(rank["off_is_stock"] for rank in residual_int4)
+
+
+# --- yunchang's ring (RingComm) -------------------------------------------------------------------
+
+RING_SHAPE = (1, 8, 2, 16)  # (b, s/P, h, d) on each rank
+RING_WORLD = 3  # three hops: payloads are forwarded, not only sent once
+
+
+def cpu_attention_with_lse(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True, **_):
+    """yunchang's pytorch_attn_forward calls a CUDA-only aten kernel; this is its CPU twin."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal, scale=softmax_scale)[:2]
+    return out.transpose(1, 2), lse
+
+
+def ring_steps(rank: int, session) -> list[torch.Tensor]:
+    """yunchang's ring attention over STEPS steps of slowly drifting q, k, v; outputs per step."""
+    import torch.distributed as dist
+    from yunchang.ring import ring_pytorch_attn
+
+    ring_pytorch_attn.pytorch_attn_forward = cpu_attention_with_lse
+    gen = torch.Generator().manual_seed(200 + rank)
+    base = [torch.randn(RING_SHAPE, generator=gen) for _ in range(3)]
+    drift = [torch.randn(RING_SHAPE, generator=gen) for _ in range(3)]
+    if session is not None:
+        session.begin_request()
+    outs = []
+    for step in range(STEPS):
+        if session is not None:
+            session.set_step(step)
+        q, k, v = (b + 0.05 * step * d for b, d in zip(base, drift))
+        outs.append(ring_pytorch_attn.ring_pytorch_attn_func(q, k, v, causal=False, group=dist.group.WORLD))
+    return outs
+
+
+def ring_target(rank: int, world_size: int, compression: str, warmup: int = 1):
+    from compactfusion_xdit import patches
+    from compactfusion_xdit.config import CompressionConfig
+    from yunchang.ring import ring_pytorch_attn
+
+    patches.install()
+    stock = ring_steps(rank, None)
+    stock_class = type(ring_pytorch_attn.RingComm(None))
+    patches.install(CompressionConfig.parse(compression, warmup=warmup))
+    session = patches.session()
+    coded = ring_steps(rank, session)
+    result = {"stock": stock, "coded": coded, "stats": session.stats(), "stock_class": stock_class.__name__,
+              "patched_class": type(ring_pytorch_attn.RingComm(None)).__name__,
+              "mismatches": session.check_caches(None)}
+    patches.uninstall()
+    result["restored"] = type(ring_pytorch_attn.RingComm(None)).__name__
+    return result
+
+
+@pytest.fixture(scope="module")
+def ring_int4():
+    return run_ranks(f"{HERE}:ring_target", RING_WORLD, {"compression": "residual-int4"}, timeout=120)
+
+
+def test_ring_comm_replaced_and_restored(ring_int4):
+    for rank in ring_int4:
+        assert rank["stock_class"] == "RingComm"
+        assert rank["patched_class"] == "CompressedRingComm"
+        assert rank["restored"] == "RingComm"
+
+
+def test_ring_warmup_step_is_bitwise_stock_and_coded_steps_are_close(ring_int4):
+    for rank in ring_int4:
+        for step, (stock, coded) in enumerate(zip(rank["stock"], rank["coded"])):
+            if step == 0:
+                assert torch.equal(stock, coded)
+            else:
+                assert not torch.equal(stock, coded)
+                # int4 of k/v residuals of size ~0.05 * step: attention output moves by less than that
+                assert (stock - coded).abs().max().item() < 0.02
+
+
+def test_ring_bytes_equal_the_codec_payload_arithmetic_and_caches_agree(ring_int4):
+    rows, cols = math.prod(RING_SHAPE[:-1]), RING_SHAPE[-1]
+    raw = rows * cols * 4
+    coded = rows * (cols // 2) + 2 * rows + 1
+    hops = RING_WORLD - 1  # every rank's own k and v travel world - 1 hops
+    for rank in ring_int4:
+        legacy = rank["stats"]["paths"]["legacy"]
+        assert legacy["raw_bytes"] == STEPS * hops * 2 * raw
+        assert legacy["sent_bytes"] == hops * 2 * (raw + (STEPS - 1) * coded)
+        assert rank["mismatches"] == []
+
+
+def test_ring_with_every_message_raw_is_bitwise_stock():
+    for rank in run_ranks(f"{HERE}:ring_target", RING_WORLD,
+                          {"compression": "residual-int4", "warmup": 10**6}, timeout=120):
+        assert all(torch.equal(s, c) for s, c in zip(rank["stock"], rank["coded"]))
+        assert rank["stats"]["paths"]["legacy"]["raw_bytes"] == rank["stats"]["paths"]["legacy"]["sent_bytes"]

@@ -16,7 +16,7 @@ Two replacements in ``yunchang.comm.all_to_all``, both restored by ``uninstall()
   the keyed call's bytes through ``session.comm(group).all_to_all`` (rows of head_dim values) and
   passes every other call (no key, splits, async, non-float dtypes) to torch unchanged.
 
-yunchang's ring (``RingComm``) is not compressed here. Sana's processor asks yunchang 0.6.4 for an
+yunchang's ring (``RingComm``) is compressed by `patches.legacy_ring`, applied from here. Sana's processor asks yunchang 0.6.4 for an
 ``AttnType.TORCH`` it does not define, so the whole legacy model path does not run without
 flash-attn; the exchange itself is exercised at the function level (tests/test_legacy_compression.py).
 """
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed
 
+from compactfusion_xdit.patches import legacy_ring
 from compactfusion_xdit.patches._attrs import AttributePatcher
 from compactfusion_xdit.patches.ulysses import ExchangeKeys
 from compactfusion_xdit.residual import CODED_DTYPES
@@ -59,9 +60,11 @@ class KeyedDistributed:
 
 
 def apply(patcher: AttributePatcher, session: Any) -> KeyedDistributed | None:
-    """Route yunchang's SeqAllToAll4D exchanges through `session` (nothing replaced if "legacy" is off)."""
+    """Route yunchang's SeqAllToAll4D exchanges and RingComm rings through `session` (nothing replaced
+    if "legacy" is off)."""
     if not session.compresses("legacy"):
         return None
+    legacy_ring.apply(patcher, session)
     from yunchang.comm import all_to_all as a2a_module
 
     original = getattr(a2a_module, "all_to_all_4D", None)

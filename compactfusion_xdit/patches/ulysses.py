@@ -69,10 +69,10 @@ class ExchangeKeys:
         self.inputs += count
         return keys
 
-    def output_key(self) -> tuple:
+    def output_key(self, role: str = "out") -> tuple:
         """Key of the current layer's output; the next exchange belongs to the next layer."""
         self._sync()
-        key = (self.path, self.layer, "out")
+        key = (self.path, self.layer, role)
         self.layer += 1
         self.inputs = 0
         return key
