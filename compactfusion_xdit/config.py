@@ -9,6 +9,10 @@
 Names: ``none``; ``<codec>`` or ``plain-<codec>`` (plain mode: the codec codes x itself);
 ``residual-<codec>`` (residual mode with error feedback) and ``residual-<codec>-noef`` (without).
 ``<codec>`` is any name `compactfusion_xdit.codecs.get` accepts, user-registered codecs included.
+
+A schedule picks another name per message from its path, layer and step (`compactfusion_xdit.schedule`):
+
+    CompressionConfig.parse("residual-int4", schedule="steps=0-1:none; layers=8-:residual-1bit")
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
+
+from compactfusion_xdit.schedule import ScheduleRule, parse_schedule
 
 #: The communication paths a config can switch on; a channel key's first element is one of these.
 PATHS = ("ulysses", "ring", "pipefusion", "legacy", "patch", "step")
@@ -79,6 +85,9 @@ class CompressionConfig:
     warmup: the first `warmup` steps of a request send raw tensors (and seed the caches).
     paths: the communication paths that compress; the others send raw.
     check: verify that sender and receiver caches stay bitwise equal (slow; for debugging).
+    schedule: rules choosing another compression name per (path, layer, step); the first rule that
+        matches a message wins, the others use codec/mode above (`compactfusion_xdit.schedule`).
+        Error feedback is one setting for every residual name of the config.
     """
 
     codec: str = "none"
@@ -87,6 +96,7 @@ class CompressionConfig:
     warmup: int = 1
     paths: tuple[str, ...] = PATHS
     check: bool = False
+    schedule: tuple[ScheduleRule, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -100,6 +110,9 @@ class CompressionConfig:
         object.__setattr__(self, "paths", _normalise_paths(self.paths))
         if self.codec != "none":
             _check_codec(self.codec, self.codec)
+        object.__setattr__(self, "schedule", _resolve_schedule(self.schedule))
+        # (mode, codec) of each rule, in rule order; `choice` reads it per message.
+        object.__setattr__(self, "_rule_choices", tuple(_rule_choice(r) for r in self.schedule))
 
     @classmethod
     def parse(cls, name: "str | CompressionConfig | None", **overrides: Any) -> "CompressionConfig":
@@ -151,17 +164,57 @@ class CompressionConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.mode != "none"
+        """Whether any message may be coded (the default name or a schedule rule)."""
+        return self.mode != "none" or any(mode != "none" for mode, _ in self._rule_choices)
 
     def compresses(self, path: str) -> bool:
-        """Whether messages on `path` are coded (raw otherwise). Unknown paths are an error."""
+        """Whether messages on `path` may be coded (all raw otherwise). Unknown paths are an error."""
         if path not in PATHS:
             raise ValueError(f"unknown communication path {path!r}; valid paths: {', '.join(PATHS)}")
-        return self.mode != "none" and path in self.paths
+        if path not in self.paths:
+            return False
+        return self.mode != "none" or any(
+            mode != "none" and (rule.paths is None or path in rule.paths)
+            for rule, (mode, _) in zip(self.schedule, self._rule_choices))
+
+    def choice(self, path: str, layer: int | None, step: int) -> tuple[str, str]:
+        """``(mode, codec)`` for a message on `path` at `layer` (None: the key has none) and `step`:
+        the first schedule rule that matches, else the config's own. Ignores `paths` (see `compresses`)."""
+        for rule, chosen in zip(self.schedule, self._rule_choices):
+            if rule.matches(path, layer, step):
+                return chosen
+        return (self.mode, self.codec)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for stats files and logs."""
         d = dataclasses.asdict(self)
         d["paths"] = list(self.paths)
+        d["schedule"] = [str(rule) for rule in self.schedule]
         d["name"] = self.name
         return d
+
+
+def _resolve_schedule(schedule: Any) -> tuple[ScheduleRule, ...]:
+    """Rules with canonical compression names; a ValueError naming the rule for a bad one."""
+    rules = parse_schedule(schedule)
+    out = []
+    for n, rule in enumerate(rules):
+        where = f"schedule rule {n} ({rule})"
+        if rule.codec.strip().endswith(_NO_EF_SUFFIX):
+            raise ValueError(f"{where}: error feedback is one setting for the whole config; name "
+                             f"{rule.codec.strip()[: -len(_NO_EF_SUFFIX)]!r} and turn error feedback off for all")
+        try:
+            name = CompressionConfig.parse(rule.codec).name
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        if rule.paths is not None:
+            unknown = [p for p in rule.paths if p not in PATHS]
+            if unknown:
+                raise ValueError(f"{where}: unknown path(s) {unknown}; valid paths: {', '.join(PATHS)}")
+        out.append(dataclasses.replace(rule, codec=name))
+    return tuple(out)
+
+
+def _rule_choice(rule: ScheduleRule) -> tuple[str, str]:
+    parsed = CompressionConfig.parse(rule.codec)
+    return (parsed.mode, parsed.codec)

@@ -17,7 +17,13 @@ sizes and need no extra round of agreement):
    - ``SEED``: a warm-up step (``step < warmup``) in residual mode. The raw tensor is the message
      and both sides copy it into their cache (`seed_sender` / `seed_receiver`); a non-finite tensor
      is not cached (both sides see the same bits, so both drop the key).
-   - ``CODED``: the message is ``payload bytes + 1 flag byte``, ``wire_nbytes(shape, dtype)`` long.
+   - ``CODED``: the message is ``payload bytes + 1 flag byte``, ``wire_nbytes(shape, dtype, key)`` long.
+
+   With a schedule (`config.CompressionConfig.schedule`) the mode and codec of a message come from
+   its key's path and layer (`schedule.layer_of`) and the step, so both sides pick the same codec.
+   A message the schedule sends raw (``none``) is SEED when the same key's next step is coded in
+   residual mode, so the residual then starts from a fresh cache; RAW otherwise. Caches hold
+   reconstructions, not payloads, so a residual key may change codec from one step to the next.
 2. In a CODED message the flag is ``FLAG_PAYLOAD`` (the payload codes the residual against the
    cache both sides hold, or x itself in plain mode) or ``FLAG_RAW_FOLLOWS``: the payload bytes
    are zero and the raw tensor follows in a point-to-point side message from this sender to this
@@ -47,6 +53,7 @@ from typing import Any, Hashable
 import torch
 
 from compactfusion_xdit.config import PATHS, CompressionConfig
+from compactfusion_xdit.schedule import layer_of
 
 #: dtypes the codecs code; every other dtype travels raw.
 CODED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -122,11 +129,10 @@ class ResidualState:
 
     def __init__(self, config: CompressionConfig | str | None = None) -> None:
         self.config = CompressionConfig.parse(config)
-        self.codec = None
-        if self.config.enabled:
-            from compactfusion_xdit import codecs
-
-            self.codec = codecs.get(self.config.codec)
+        self._codecs: dict[str, Any] = {}
+        self.codec = self._codec(self.config.codec) if self.config.mode != "none" else None  # the default codec
+        # (path, layer, step) -> (mode, codec); the schedule's choices, memoised per request
+        self._choices: dict[tuple, tuple[str, Any]] = {}
         self.step = 0
         # key -> (cache tensor (2-D, x's dtype), original shape)
         self._send: dict[Hashable, tuple[torch.Tensor, tuple[int, ...]]] = {}
@@ -139,6 +145,7 @@ class ResidualState:
         """Start a new request: drop every cache, step 0. Stats keep accumulating."""
         self._send.clear()
         self._recv.clear()
+        self._choices.clear()
         self.step = 0
 
     def set_step(self, step: int) -> None:
@@ -160,20 +167,39 @@ class ResidualState:
         self._stats.clear()
 
     # ----- protocol ----------------------------------------------------------------------------
+    def choice(self, key: Hashable, step: int | None = None) -> tuple[str, Any]:
+        """``(mode, codec object or None)`` for messages of `key` at `step` (default: the current one)."""
+        path = path_of(key)
+        layer = layer_of(key)
+        step = self.step if step is None else step
+        slot = (path, layer, step)
+        chosen = self._choices.get(slot)
+        if chosen is None:
+            mode, codec = self.config.choice(path, layer, step)
+            chosen = self._choices[slot] = (mode, None if mode == "none" else self._codec(codec))
+        return chosen
+
     def message_kind(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> MessageKind:
         """RAW, SEED or CODED for a message of this key at the current step (same on both sides)."""
         if not self.config.compresses(path_of(key)) or dtype not in CODED_DTYPES or math.prod(shape) == 0:
             return MessageKind.RAW
+        mode = self.choice(key)[0]
+        if mode == "none":  # scheduled raw: seed when the next step codes a residual
+            return MessageKind.SEED if self.choice(key, self.step + 1)[0] == "residual" else MessageKind.RAW
         if self.step < self.config.warmup:
-            return MessageKind.SEED if self.config.mode == "residual" else MessageKind.RAW
+            return MessageKind.SEED if mode == "residual" else MessageKind.RAW
         return MessageKind.CODED
 
-    def wire_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        """Size of a CODED message: the codec payload plus the flag byte."""
-        spec = (tuple(shape), dtype)
+    def wire_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype, key: Hashable | None = None) -> int:
+        """Size of a CODED message of `key` at the current step (None: the default codec's):
+        the codec payload plus the flag byte."""
+        codec = self.codec if key is None else self.choice(key)[1]
+        if codec is None:
+            raise ValueError(f"no codec codes {key!r} at step {self.step}: its messages are not CODED")
+        spec = (codec.name, tuple(shape), dtype)
         n = self._wire_sizes.get(spec)
         if n is None:
-            n = self._wire_sizes[spec] = self.codec.payload_nbytes(shape_2d(shape), dtype) + HEADER_NBYTES
+            n = self._wire_sizes[spec] = codec.payload_nbytes(shape_2d(shape), dtype) + HEADER_NBYTES
         return n
 
     def seed_sender(self, key: Hashable, x: torch.Tensor, finite: bool | None = None) -> bool:
@@ -190,7 +216,8 @@ class ResidualState:
 
         `finite` may carry a precomputed ``isfinite(x).all()`` (one host sync for several chunks).
         """
-        n = self.wire_nbytes(tuple(x.shape), x.dtype)
+        mode, codec = self.choice(key)
+        n = self.wire_nbytes(tuple(x.shape), x.dtype, key)
         wire = torch.empty(n, dtype=torch.uint8, device=x.device) if out is None else out
         if wire.dtype != torch.uint8 or wire.numel() != n:
             raise ValueError(f"out must be a uint8 tensor of {n} bytes, got {wire.dtype} with {wire.numel()} elements")
@@ -202,22 +229,22 @@ class ResidualState:
             self._send.pop(key, None)
             path_stats["nonfinite_fallbacks"] += 1
             return self._raw_follows(wire, x)
-        if self.config.mode == "plain":
-            payload = self.codec.encode(x2)
+        if mode == "plain":
+            payload = codec.encode(x2)
         else:
             base = self._cache(self._send, key, x)
             if base is None:
                 self._store(self._send, key, x)
                 path_stats["reseed_fallbacks"] += 1
                 return self._raw_follows(wire, x)
-            payload = self.codec.encode_residual(x2, base, error_feedback=self.config.error_feedback)
+            payload = codec.encode_residual(x2, base, error_feedback=self.config.error_feedback)
         offset = 0
         for t in payload.tensors:
             b = t.contiguous().view(-1).view(torch.uint8)
             wire[offset:offset + b.numel()].copy_(b)
             offset += b.numel()
         if offset != n - HEADER_NBYTES:
-            raise RuntimeError(f"codec {self.codec.name!r} wrote {offset} payload bytes, payload_nbytes says {n - HEADER_NBYTES}")
+            raise RuntimeError(f"codec {codec.name!r} wrote {offset} payload bytes, payload_nbytes says {n - HEADER_NBYTES}")
         wire[n - 1:].fill_(FLAG_PAYLOAD)
         return Outgoing(wire)
 
@@ -231,6 +258,7 @@ class ResidualState:
         The result is a fresh tensor (or `out`), never the cache itself.
         """
         shape = tuple(shape)
+        mode, codec = self.choice(key)
         fresh = False  # y2 is a new tensor nobody else holds
         if raw_follows is None:
             raw_follows = fallback_follows(wire)
@@ -239,7 +267,7 @@ class ResidualState:
                 raise ValueError(f"message for {key!r} says its raw tensor follows: receive it and pass fallback=")
             if tuple(fallback.shape) != shape or fallback.dtype != dtype:
                 raise ValueError(f"fallback for {key!r} is {tuple(fallback.shape)} {fallback.dtype}, expected {shape} {dtype}")
-            if self.config.mode == "residual":
+            if mode == "residual":
                 if is_finite(fallback):
                     self._store(self._recv, key, fallback)
                 else:
@@ -247,9 +275,9 @@ class ResidualState:
             y2 = as_2d(fallback)
         else:
             s2 = shape_2d(shape)
-            payload = self.codec.unflatten(wire[:-HEADER_NBYTES], s2, dtype)
-            if self.config.mode == "plain":
-                y2, fresh = self.codec.decode(payload), True
+            payload = codec.unflatten(wire[:-HEADER_NBYTES], s2, dtype)
+            if mode == "plain":
+                y2, fresh = codec.decode(payload), True
             else:
                 entry = self._recv.get(key)
                 if entry is None or entry[1] != shape or entry[0].dtype != dtype:
@@ -257,7 +285,7 @@ class ResidualState:
                     raise RuntimeError(
                         f"residual channel {key!r} out of sync: a payload arrived for {shape} {dtype} but the "
                         f"receiver has {have} (sender and receiver must see the same steps and resets)")
-                self.codec.decode_residual(payload, entry[0])
+                codec.decode_residual(payload, entry[0])
                 y2 = entry[0]
         if out is not None:
             if out.data_ptr() != y2.data_ptr():  # a fallback received straight into `out` is already there
@@ -306,6 +334,14 @@ class ResidualState:
         return None if entry is None else entry[0]
 
     # ----- internals --------------------------------------------------------------------------
+    def _codec(self, name: str):
+        codec = self._codecs.get(name)
+        if codec is None:
+            from compactfusion_xdit import codecs
+
+            codec = self._codecs[name] = codecs.get(name)
+        return codec
+
     def _path_stats(self, path: str) -> dict[str, int]:
         s = self._stats.get(path)
         if s is None:

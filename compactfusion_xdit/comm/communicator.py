@@ -126,7 +126,7 @@ class CompressedCommunicator:
             pending = Pending([work], finish_raw, keep=x)
             return pending if async_op else pending.wait()
 
-        n = state.wire_nbytes(chunk_shape, x.dtype)
+        n = state.wire_nbytes(chunk_shape, x.dtype, key)
         send = self._buffer(key, "a2a-send", (world, n), x.device)
         recv = self._buffer(key, "a2a-recv", (world, n), x.device)
         ok = finite_rows(x.view(world, -1))
@@ -191,7 +191,7 @@ class CompressedCommunicator:
             pending = Pending([work], finish_raw, keep=x)
             return pending if async_op else pending.wait()
 
-        n = state.wire_nbytes(tuple(x.shape), x.dtype)
+        n = state.wire_nbytes(tuple(x.shape), x.dtype, key)
         send = self._buffer(key, "ag-send", (n,), x.device)
         recv = self._buffer(key, "ag-recv", (world, n), x.device)
         msg = state.encode(link_key(key, ranks[me], "all"), x, out=send)
@@ -273,7 +273,7 @@ class CompressedCommunicator:
                 return out
 
             return Pending([received], finish_raw)
-        wire = torch.empty(state.wire_nbytes(shape, dtype), dtype=torch.uint8, device=out.device)
+        wire = torch.empty(state.wire_nbytes(shape, dtype, key), dtype=torch.uint8, device=out.device)
         received = p2p.post(g, recvs=[(wire, src, tag)])[1]
 
         def finish_coded() -> torch.Tensor:

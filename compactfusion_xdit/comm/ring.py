@@ -43,7 +43,7 @@ class RingExchange:
         offset = 0
         for t in self.tensors:
             kind = self.state.message_kind(key, tuple(t.shape), t.dtype)
-            size = self.state.wire_nbytes(tuple(t.shape), t.dtype) if kind is MessageKind.CODED else t.numel() * t.element_size()
+            size = self.state.wire_nbytes(tuple(t.shape), t.dtype, key) if kind is MessageKind.CODED else t.numel() * t.element_size()
             self.kinds.append(kind)
             self.sizes.append(size)
             self.offsets.append(offset)

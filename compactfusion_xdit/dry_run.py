@@ -1,0 +1,101 @@
+"""``xfuser ... --dry-run``: check the settings and print the launch plan; no rank is started.
+
+    xfuser --config configs/flux-ulysses4.yaml --dry-run
+
+Runs every check of a real launch (flags, compression, degrees against the rank count, the model's
+head count) and prints the world size, xfuser's process groups, the input, the compression
+settings and the torchrun command. A model folder that does not exist is a warning here (configs
+ship with placeholder paths), not an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from compactfusion_xdit import args as cli_args
+from compactfusion_xdit import flag_table
+
+DRY_RUN_FLAGS = ("--dry-run", "--dry_run")
+
+
+def split(argv: list[str]) -> tuple[list[str], bool]:
+    """argv without the dry-run flag, and whether it was there."""
+    rest = [arg for arg in argv if arg not in DRY_RUN_FLAGS]
+    return rest, len(rest) != len(argv)
+
+
+def _settings(argv: list[str]) -> argparse.Namespace:
+    """Every setting of the command line (defaults filled in), parsed like the ranks will."""
+    from compactfusion_xdit import cli
+
+    try:
+        ns, _ = flag_table.fast_parser().parse_known_args(cli._normalise_flag_names(argv))
+    except ValueError as err:
+        raise cli.LaunchError(str(err)) from None
+    return ns
+
+
+def check_flags(argv: list[str]) -> None:
+    """LaunchError (one line) for a flag or value the ranks' parser would refuse."""
+    _settings(argv)
+
+
+def _groups(ns: argparse.Namespace) -> list[str]:
+    from compactfusion_xdit.modes import layout
+    from compactfusion_xdit.patches import rank_groups
+
+    try:
+        groups = rank_groups.rank_groups(ns.tensor_parallel_degree, ns.ulysses_degree, ns.ring_degree,
+                                         ns.pipefusion_parallel_degree, 2 if ns.use_cfg_parallel else 1,
+                                         layout.xfuser_data_parallel_degree(ns))
+    except Exception as err:  # the layout is informative; the launch checks above already passed
+        return [f"  groups       (not computed: {err})"]
+    lines = []
+    for name, members in groups.items():
+        if members and len(members[0]) > 1:
+            lines.append(f"  {name:<13}{' '.join('[' + ','.join(map(str, g)) + ']' for g in members)}")
+    return lines or ["  groups       none (one rank)"]
+
+
+def _compression(ns: argparse.Namespace) -> list[str]:
+    config = cli_args.compression_config(ns)
+    if not config.enabled:
+        return ["  compression  none"]
+    lines = [f"  compression  {config.name} (warm-up {config.warmup} step(s), paths {','.join(config.paths)}, "
+             f"error feedback {'on' if config.error_feedback else 'off'}{', cache check' if config.check else ''})"]
+    lines += [f"  schedule     {rule}" for rule in config.schedule]
+    return lines
+
+
+def report(argv: list[str]) -> str:
+    """The plan of a launch with these flags (LaunchError for settings a launch would refuse)."""
+    from compactfusion_xdit import cli
+
+    warnings = []
+    ns = cli.preparse(argv)
+    check_model = True
+    try:
+        model = cli.model_path(ns.model)
+    except cli.LaunchError as err:
+        if ns.model is None:
+            raise
+        check_model, model = False, ns.model
+        warnings.append(f"warning: {err} (a real launch stops here; edit model: / --model)")
+    plan = cli.plan_launch(ns, check_model=check_model)
+    full = _settings(argv)
+    prompt = full.prompt if isinstance(full.prompt, str) else " ".join(full.prompt)
+    lines = [
+        "xfuser: dry run, nothing launched",
+        f"  model        {model}",
+        f"  ranks        {plan.world_size} ({cli._describe_degrees(ns)}); {plan.nnodes} node(s) x "
+        f"{plan.nproc_per_node}, rendezvous {plan.master_addr}",
+        *_groups(full),
+        f"  input        {full.height}x{full.width}, {full.num_inference_steps} steps, seed {full.seed}, "
+        f"prompt {prompt!r}",
+        *_compression(ns),
+        f"  output       {full.output_dir} ({full.output_type}), dtype {full.dtype or 'default'}",
+        "  command      " + shlex.join(cli.torchrun_command(plan, argv)),
+        *warnings,
+    ]
+    return "\n".join(lines)
