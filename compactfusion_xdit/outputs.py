@@ -1,0 +1,105 @@
+"""What a run shows and writes: the step progress bar, image/video files, the closing summary line.
+
+    outputs.quiet_progress(pipe, rank)                  # tqdm over denoising steps on rank 0 only
+    outputs.save_video(frames, "out/req0000", fps=16)   # -> "out/req0000.mp4" (or frames + .npy)
+    print(outputs.summary_line(elapsed, requests, raw_bytes, sent_bytes))
+
+Video: an mp4 (H.264) when PyAV (``pip install av``) is importable, else one PNG per frame in a
+folder plus the frames as ``.npy`` (uint8, frames x height x width x 3). `video_backend()` says which.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def quiet_progress(pipe: Any, rank: int) -> None:
+    """Show the pipeline's tqdm bar over denoising steps on rank 0 only (diffusers' progress bar,
+    which xfuser's wrappers forward to)."""
+    setter = getattr(pipe, "set_progress_bar_config", None)
+    if setter is not None:
+        setter(disable=rank != 0, desc="denoising" if rank == 0 else None)
+
+
+def video_backend() -> str:
+    """``"mp4"`` when an H.264 encoder is importable (PyAV), else ``"frames"``."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return "frames"
+    return "mp4"
+
+
+def _frames_uint8(frames: Any) -> np.ndarray:
+    """Frames (list of PIL images or float arrays in [0, 1], or uint8 arrays) -> uint8 (T, H, W, 3)."""
+    if isinstance(frames, (list, tuple)) and frames and hasattr(frames[0], "convert"):
+        return np.stack([np.asarray(f.convert("RGB")) for f in frames])
+    array = np.asarray(frames)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if array.ndim == 5:  # a batch of one video
+        array = array[0]
+    return array
+
+
+def save_video(frames: Any, stem: str, fps: int) -> list[str]:
+    """Write one video as ``stem.mp4`` (PyAV) or ``stem/frame_NNNN.png`` + ``stem.npy``; return the paths."""
+    array = _frames_uint8(frames)
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    if video_backend() == "mp4":
+        import av
+
+        path = stem + ".mp4"
+        height, width = array.shape[1] // 2 * 2, array.shape[2] // 2 * 2  # yuv420p needs even sides
+        with av.open(path, mode="w") as container:
+            stream = container.add_stream("libx264", rate=max(int(fps), 1))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for frame in array:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame[:height, :width], format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return [path]
+    from PIL import Image
+
+    os.makedirs(stem, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(array):
+        path = os.path.join(stem, f"frame_{i:04d}.png")
+        Image.fromarray(frame).save(path)
+        paths.append(path)
+    np.save(stem + ".npy", array)
+    return paths + [stem + ".npy"]
+
+
+def save_images(images: Sequence[Any], stem: str) -> list[str]:
+    """Write PIL images as ``stem_<i>.png``; return the paths."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = f"{stem}_{i}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def summary_line(elapsed_s: float, requests: int, raw_bytes: int, sent_bytes: int, compression: str) -> str:
+    """The closing line rank 0 prints: time, bytes saved, compression ratio."""
+    if compression == "none" or raw_bytes == 0:
+        traffic = "compression none (no bytes saved)"
+    else:
+        saved = raw_bytes - sent_bytes
+        traffic = (f"compression {compression}: sent {_size(sent_bytes)} of {_size(raw_bytes)}, "
+                   f"saved {_size(saved)} ({saved / raw_bytes:.1%}), ratio {raw_bytes / sent_bytes:.2f}x")
+    plural = "" if requests == 1 else "s"
+    return f"done: {requests} request{plural} in {elapsed_s:.2f} s; {traffic}"
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
