@@ -46,6 +46,13 @@ class CompressionSession:
         self.state.begin_request()
         self.requests += 1
 
+    def abandon_request(self) -> None:
+        """After a request failed part-way: drop every cache and the pooled wire buffers, so nothing
+        of it reaches the next request (which starts with `begin_request` as usual)."""
+        self.state.reset()
+        for comm in self._comms.values():
+            comm.release_buffers()
+
     def set_step(self, step: int) -> None:
         self.state.set_step(step)
 
