@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["compactfusion_xdit", "compactfusion_xdit.*"]),
     include_package_data=True,
-    package_data={"compactfusion_xdit": ["configs/*.yaml", "models/weights/*"]},
+    package_data={"compactfusion_xdit": ["configs/*.yaml", "models/weights/*", "models/weights/*/*", "models/weights/*/*/*"]},
     install_requires=[
         "torch>=2.5",
         "xfuser==0.7.0",
@@ -25,8 +25,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "triton>=3.0; platform_machine == 'x86_64'"],
         "triton": ["triton>=3.0"],
+        "video": ["av"],
         "flash": ["flash-attn"],
         "bench": ["matplotlib", "scikit-image", "scikit-learn"],
     },
-    entry_points={"console_scripts": ["xfuser=compactfusion_xdit.cli:main"]},
+    entry_points={"console_scripts": ["xfuser=compactfusion_xdit.cli:main", "cfx-xdit=compactfusion_xdit.xdit_cli:main"]},
 )

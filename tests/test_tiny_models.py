@@ -31,7 +31,7 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def test_builtin_names():
-    assert tiny.BUILTIN_MODELS == NAMES
+    assert tiny.BUILTIN_MODELS == NAMES + ("digits-flux",)  # the trained one is tested in test_digits_model.py
 
 
 def test_unknown_name_is_refused_with_the_valid_names():

@@ -10,6 +10,9 @@ every parallel layout runs end to end on a laptop CPU. The images are noise-like
 the point is that the same seed gives the same bits on every layout. Each transformer has 4
 attention heads (Ulysses degree 2 or 4 divides them). Text encoders are one-layer CLIP/T5 models
 over a word-level tokenizer that knows the letters a-z and a few words.
+
+``digits-flux`` is a built-in too, but trained and shipped with the package (`digits`): for it
+`materialize` and `cached_path` return the shipped folder and `build_pipeline` loads it.
 """
 
 from __future__ import annotations
@@ -131,13 +134,21 @@ def _sd3():
 
 
 _BUILDERS: dict[str, Callable] = {"tiny-flux": _flux, "tiny-pixart": _pixart, "tiny-sd3": _sd3}
+#: Trained built-ins shipped as diffusers folders inside the package (name -> folder path).
+_SHIPPED: dict[str, Callable[[], str]] = {"digits-flux": lambda: _digits().folder()}
 
 #: The names ``--model`` accepts besides a local diffusers folder.
-BUILTIN_MODELS: tuple[str, ...] = tuple(_BUILDERS)
+BUILTIN_MODELS: tuple[str, ...] = tuple(_BUILDERS) + tuple(_SHIPPED)
+
+
+def _digits():
+    from compactfusion_xdit.models import digits
+
+    return digits
 
 
 def _check_name(name: str) -> None:
-    if name not in _BUILDERS:
+    if name not in _BUILDERS and name not in _SHIPPED:
         raise ValueError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
 
 
@@ -148,6 +159,8 @@ def build_pipeline(name: str, dtype: torch.dtype = torch.float32):
     then cast to `dtype`.
     """
     _check_name(name)
+    if name in _SHIPPED:
+        return _digits().load_pipeline(dtype, path=_SHIPPED[name]())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(WEIGHT_SEED)
         pipe = _BUILDERS[name]()
@@ -162,6 +175,8 @@ def default_cache_dir() -> str:
 def cached_path(name: str, cache_dir: str | None = None) -> str:
     """Where `materialize` puts (or finds) `name`; it may not exist yet."""
     _check_name(name)
+    if name in _SHIPPED:
+        return _SHIPPED[name]()
     return os.path.join(cache_dir or default_cache_dir(), f"{name}-v{MODEL_VERSION}")
 
 
@@ -179,6 +194,8 @@ def materialize(name: str, cache_dir: str | None = None) -> str:
     path = cached_path(name, cache_dir)
     if is_materialized(name, cache_dir):
         return path
+    if name in _SHIPPED:  # nothing to build: the trained weights come with the package
+        raise FileNotFoundError(f"the built-in model {name} is missing from {path}; reinstall compactfusion-xdit")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
