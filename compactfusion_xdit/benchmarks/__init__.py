@@ -1,0 +1,1 @@
+"""Benchmark support for ``scripts/bench_*.py``: image metrics, method layouts, emulated links, rank loop."""

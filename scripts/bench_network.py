@@ -1,0 +1,298 @@
+"""End-to-end latency of compressed parallel inference over emulated, rate-limited links.
+
+    sudo python scripts/bench_network.py --ranks 4 --rates 100mbit,1gbit,10gbit,unshaped \\
+        --methods all --codecs none,residual-int4,residual-int2,residual-1bit,plain-int4 --out bench_out
+    sudo python scripts/bench_network.py --quick --out /tmp/q     # CI: 2 ranks, 1 rate, 2 codecs
+    sudo python scripts/bench_network.py --cleanup                # remove what a killed run left
+
+Every rank runs in its own network namespace; the namespaces form a star of veth links through a
+bridge in a hub namespace, and every link is shaped with tc (tbf, both directions) to the rate of
+the current phase, so each rank's up- and downlink run at that rate and all inter-rank traffic
+(gloo, bound with GLOO_SOCKET_IFNAME; the rendezvous too) crosses them. One launch per
+method x codec loads the model once and serves, per rate, one warm-up request and ``--requests``
+measured ones (the median is reported). Bytes come from the plugin's counters (raw: what the
+uncompressed exchange sends; sent: what was sent), PSNR compares the output image with a
+single-process uncompressed run of the same seed. ``comm share`` estimates the uncompressed
+exchange's part of the request: per-rank raw bytes at the link rate / the ``none`` latency.
+
+Writes ``<out>/bench_network.json``, ``bench_network.md`` and ``bench_network.png``. Needs root,
+``ip`` and ``tc``; removes its namespaces, links and qdiscs on exit, Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import signal
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from compactfusion_xdit.benchmarks import methods as bench_methods
+from compactfusion_xdit.benchmarks import metrics, netns
+from compactfusion_xdit.benchmarks.launch import BenchError, launch
+
+DEFAULT_CODECS = "none,residual-int4,residual-int2,residual-1bit,plain-int4"
+DEFAULT_RATES = "100mbit,1gbit,10gbit,unshaped"
+
+
+def parse_options(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--rates", default=DEFAULT_RATES, help=f"comma list of NNN(k|m|g)bit or unshaped ({DEFAULT_RATES})")
+    p.add_argument("--methods", default="all", help=f"comma list of {', '.join(bench_methods.ALL_METHODS)}, or all")
+    p.add_argument("--codecs", default=DEFAULT_CODECS, help=f"comma list of compression names ({DEFAULT_CODECS})")
+    p.add_argument("--model", default=None, help="built-in model or diffusers folder (default: digits-flux if "
+                   "this checkout has it, else tiny-flux)")
+    p.add_argument("--height", type=int, default=None, help="default: 128 for tiny-flux, the model's own size else")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--prompt", default="a cat")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--requests", type=int, default=3, help="measured requests per rate, after one warm-up (3)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per launch (all its rates)")
+    p.add_argument("--out", default="bench_network_out")
+    p.add_argument("--quick", action="store_true", help="CI: 2 ranks, 1gbit, ulysses, none + residual-int4, "
+                   "tiny-flux 64x64, 4 steps, 1 measured request")
+    p.add_argument("--cleanup", action="store_true", help="remove leftovers of a killed run and exit (with --tag: "
+                   "that run's only; without: every cfxb-* namespace, so not while another benchmark runs)")
+    p.add_argument("--tag", default=None, help="5 hex digits naming this run's namespaces cfxb-TAG-* (default: from the pid)")
+    p.add_argument("--fail-after-setup", action="store_true", help=argparse.SUPPRESS)  # tests: simulated failure
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.ranks, opts.rates, opts.methods, opts.codecs = 2, "1gbit", "ulysses", "none,residual-int4"
+        opts.model, opts.height, opts.width, opts.steps, opts.requests = "tiny-flux", 64, 64, 4, 1
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows, table, plot
+# ---------------------------------------------------------------------------------------------
+
+
+def worker_argv(opts, model_path: str, codec: str, method_flags: list[str]) -> list[str]:
+    return ["--model", model_path, "--height", str(opts.height), "--width", str(opts.width),
+            "--num_inference_steps", str(opts.steps), "--prompt", opts.prompt, "--seed", str(opts.seed),
+            "--max_sequence_length", "16", "--output_type", "pil", "--compression", codec, *method_flags]
+
+
+def build_rows(method: str, codec: str, rates: list[str], result: dict, reference: np.ndarray | None,
+               ranks: int) -> list[dict]:
+    image = result["image"]
+    quality = None
+    if image is not None and reference is not None:
+        quality = metrics.finite_or_none(metrics.psnr(reference, image))
+    rows = []
+    for rate, phase in zip(rates, result["phases"]):
+        lat = phase["latencies_s"] or [phase["warmup_s"]]
+        rows.append({"method": method, "codec": codec, "rate": rate, "ranks": ranks,
+                     "latency_s": statistics.median(lat), "latencies_s": lat, "warmup_s": phase["warmup_s"],
+                     "raw_bytes": phase["raw_bytes"], "sent_bytes": phase["sent_bytes"],
+                     "psnr_db": quality, "identical": image is not None and reference is not None and quality is None})
+    return rows
+
+
+def fill_derived(rows: list[dict]) -> None:
+    """Raw bytes of the uncompressed runs (not counted by the plugin) from a coded run of the same
+    method; speed-up against ``none``; the uncompressed exchange's estimated share of a request."""
+    by_key = {(r["method"], r["codec"], r["rate"]): r for r in rows if "error" not in r}
+    raw_of = {}
+    for r in by_key.values():
+        if r["codec"] != "none" and r["raw_bytes"]:
+            raw_of.setdefault(r["method"], r["raw_bytes"])
+    for r in by_key.values():
+        if r["codec"] == "none":
+            r["raw_bytes"] = raw_of.get(r["method"])
+            r["sent_bytes"] = r["raw_bytes"]
+        base = by_key.get((r["method"], "none", r["rate"]))
+        r["speedup_vs_none"] = base["latency_s"] / r["latency_s"] if base else None
+        bits = netns.parse_rate(r["rate"])
+        raw = raw_of.get(r["method"])
+        if base and bits and raw:
+            r["comm_share_none"] = min(1.0, (raw / r["ranks"]) * 8 / bits / base["latency_s"])
+        else:
+            r["comm_share_none"] = None
+
+
+def _mb(n) -> str:
+    return "–" if n is None else f"{n / 1e6:.2f}"
+
+
+def markdown(result: dict) -> str:
+    """Rows: method x codec; columns: latency (speed-up over none) per rate; then bytes and PSNR."""
+    rows = [r for r in result["rows"] if "error" not in r]
+    rates = result["rates"]
+    head = (f"{result['ranks']} ranks, model `{result['model']}` {result['height']}x{result['width']}, "
+            f"{result['steps']} steps; median latency of {result['requests']} requests after a warm-up, in seconds "
+            f"(speed-up over the same method uncompressed); single-process latency "
+            f"{result['single_latency_s']:.2f} s. Bytes: summed over ranks per request.\n\n")
+    lines = ["| method | codec | " + " | ".join(rates) + " | sent MB | raw MB | PSNR dB |",
+             "| --- | --- | " + " | ".join("---" for _ in rates) + " | --- | --- | --- |"]
+    by = {(r["method"], r["codec"], r["rate"]): r for r in rows}
+    shares = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for codec in dict.fromkeys(r["codec"] for r in rows if r["method"] == method):
+            cells, any_row = [], None
+            for rate in rates:
+                r = by.get((method, codec, rate))
+                if r is None:
+                    cells.append("–")
+                    continue
+                any_row = r
+                sp = r.get("speedup_vs_none")
+                cells.append(f"{r['latency_s']:.2f}" + ("" if codec == "none" or sp is None else f" ({sp:.2f}x)"))
+                if codec == "none" and r.get("comm_share_none") is not None:
+                    shares.setdefault(method, []).append(f"{rate} {100 * r['comm_share_none']:.0f} %")
+            psnr = "identical" if any_row["identical"] else ("–" if any_row["psnr_db"] is None else f"{any_row['psnr_db']:.1f}")
+            lines.append(f"| {method} | {codec} | " + " | ".join(cells) + f" | {_mb(any_row['sent_bytes'])} | "
+                         f"{_mb(any_row['raw_bytes'])} | {psnr} |")
+    share = "".join(f"\n- {m}: {', '.join(v)}" for m, v in shares.items())
+    errors = sorted({(r["method"], r["error"][:300]) for r in result["rows"] if "error" in r})
+    tail = "".join(f"\n- {m} failed: {e}" for m, e in errors)
+    return (head + "\n".join(lines) + "\n\nUncompressed exchange as a share of the request (per-rank raw bytes at the "
+            "link rate / the uncompressed latency):" + share + ("\n\nFailed launches:" + tail if errors else "") + "\n")
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "error" not in r]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    rates = result["rates"]
+    if not methods:
+        return
+    cols = min(3, len(methods))
+    nrows = math.ceil(len(methods) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
+    for ax, method in zip(axes.flat, methods):
+        for codec in dict.fromkeys(r["codec"] for r in rows):
+            pts = {r["rate"]: r["latency_s"] for r in rows if r["method"] == method and r["codec"] == codec}
+            xs = [i for i, rate in enumerate(rates) if rate in pts]
+            ax.plot(xs, [pts[rates[i]] for i in xs], marker="o", label=codec)
+        ax.set_title(f"{method} ({result['ranks']} ranks)")
+        ax.set_xticks(range(len(rates)), rates)
+        ax.set_yscale("log")
+        ax.set_ylabel("latency per request (s)")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{result['model']} {result['height']}x{result['width']}, {result['steps']} steps: latency vs link rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(opts, out_dir: str | None = None) -> dict:
+    from compactfusion_xdit import cli
+
+    model = opts.model or bench_methods.default_model()
+    if opts.height is None or opts.width is None:
+        side = 128 if model == "tiny-flux" else 16
+        opts.height, opts.width = opts.height or side, opts.width or side
+    rates = [r.strip() for r in opts.rates.split(",") if r.strip()]
+    for rate in rates:
+        netns.parse_rate(rate)
+    chosen = bench_methods.parse_methods(opts.methods, opts.ranks)
+    codecs = [c.strip() for c in opts.codecs.split(",") if c.strip()]
+    model_path = cli.model_path(model)
+    result = {"ranks": opts.ranks, "model": model, "height": opts.height, "width": opts.width, "steps": opts.steps,
+              "requests": opts.requests, "rates": rates, "methods": chosen, "codecs": codecs,
+              "command": shlex.join(["python", "scripts/bench_network.py", *sys.argv[1:]]), "rows": []}
+    port = 29600
+    with netns.Star(opts.ranks, tag=opts.tag) as star:
+        if opts.fail_after_setup:
+            raise BenchError("simulated failure after the links were set up (--fail-after-setup)")
+        print(f"single-process reference ({model} {opts.height}x{opts.width}, {opts.steps} steps)", flush=True)
+        ref = launch([worker_argv(opts, model_path, "none", [])], 1, ["unshaped"], opts.requests, opts.timeout, None,
+                     cli._free_port())[0]
+        reference = ref["image"]
+        phase = ref["phases"][0]
+        result["single_latency_s"] = statistics.median(phase["latencies_s"] or [phase["warmup_s"]])
+        for method in chosen:  # one launch per method, one run per codec
+            started = time.monotonic()
+            flags = bench_methods.method_flags(method, opts.ranks)
+            runs = [worker_argv(opts, model_path, codec, flags) for codec in codecs]
+            try:
+                outs = launch(runs, opts.ranks, rates, opts.requests, opts.timeout * len(codecs), star, port)
+                rows = [row for codec, out in zip(codecs, outs)
+                        for row in build_rows(method, codec, rates, out, reference, opts.ranks)]
+            except BenchError as err:
+                rows = [{"method": method, "codec": codec, "error": str(err)} for codec in codecs]
+            port += len(codecs) + 1
+            result["rows"] += rows
+            print(f"{method} ({time.monotonic() - started:.0f} s):", flush=True)
+            for row in rows:
+                what = f"{row['rate']:>9s} {row['latency_s']:.2f} s" if "error" not in row else row["error"][:400]
+                print(f"  {row['codec']:16s} {what}", flush=True)
+            if out_dir:  # what is measured so far survives an interrupted run
+                partial = json.loads(json.dumps(result))
+                fill_derived(partial["rows"])
+                write(partial, out_dir)
+    fill_derived(result["rows"])
+    return result
+
+
+def write(result: dict, out_dir: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, n) for n in ("bench_network.json", "bench_network.md", "bench_network.png")]
+    with open(paths[0], "w") as f:
+        json.dump(result, f, indent=1)
+    with open(paths[1], "w") as f:
+        f.write(markdown(result))
+    plot(result, paths[2])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_options(argv)
+    reason = netns.unavailable_reason() if not opts.cleanup or os.geteuid() != 0 else None
+    if reason:
+        print(f"bench_network: {reason}", file=sys.stderr)
+        return 2
+    if opts.cleanup:
+        found = netns.cleanup_leftovers(opts.tag)
+        print(f"bench_network: removed {len(found['namespaces'])} namespaces, {len(found['links'])} links")
+        return 0
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = run(opts, opts.out)
+    except (ValueError, BenchError) as err:
+        print(f"bench_network: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench_network: interrupted; links removed", file=sys.stderr)
+        return 130
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    for path in write(result, opts.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
