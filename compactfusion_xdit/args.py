@@ -41,6 +41,16 @@ def _compression_paths(value: str) -> str:
     return value
 
 
+def _compression_schedule(value: str) -> str:
+    from compactfusion_xdit.config import CompressionConfig
+
+    try:
+        CompressionConfig.parse("none", schedule=value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
 def _non_negative_int(value: str) -> int:
     try:
         number = int(value)
@@ -60,6 +70,24 @@ def _both_spellings(flag: str) -> list[str]:
 
 def add_compactfusion_args(parser: argparse.ArgumentParser) -> None:
     """Our flags: compression, outputs, dtype. Defaults keep xfuser's plain behaviour."""
+    group = add_compression_args(parser)
+    group.add_argument(*_both_spellings("--output_dir"), dest="output_dir", default="out", metavar="DIR",
+                       help="the last rank writes image_0.png (or latents.npy) and stats.json here (default out)")
+    group.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                       help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    add_request_args(parser)
+    add_mode_args(parser)
+
+
+def add_request_args(parser: argparse.ArgumentParser) -> None:
+    """``--prompt_file``: many requests served by one launch (see `compactfusion_xdit.request_list`)."""
+    parser.add_argument(*_both_spellings("--prompt_file"), dest="prompt_file", default=None, metavar="FILE",
+                        help="one request per line: a prompt, or a JSON object with prompt and optionally height, "
+                        "width, num_inference_steps, seed, negative_prompt; outputs are numbered per request")
+
+
+def add_compression_args(parser: argparse.ArgumentParser):
+    """The ``--compression*`` flags alone (the drop-in runner adds these to xfuser's runner flags)."""
     group = parser.add_argument_group("compactfusion (compressed communication)")
     group.add_argument(*_both_spellings("--compression"), dest="compression", default="none", type=_compression_name,
                        metavar="NAME", help="none (default), e.g. residual-int4, residual-1bit, residual-lowrank-8, "
@@ -75,10 +103,44 @@ def add_compactfusion_args(parser: argparse.ArgumentParser) -> None:
                        help="after each step verify sender/receiver caches bitwise across ranks (slow)")
     group.add_argument(*_both_spellings("--compression-stats"), dest="compression_stats", action="store_true",
                        help="print the per-path byte table on rank 0")
-    group.add_argument(*_both_spellings("--output_dir"), dest="output_dir", default="out", metavar="DIR",
-                       help="the last rank writes image_0.png (or latents.npy) and stats.json here (default out)")
-    group.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
-                       help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    group.add_argument(*_both_spellings("--compression-schedule"), dest="compression_schedule", default=None,
+                       type=_compression_schedule, metavar="RULES",
+                       help="per-step/per-layer codecs, first match wins, e.g. "
+                       "'steps=0-1:none; layers=0-3:residual-int8; layers=4- paths=ulysses:residual-1bit' "
+                       "(docs/yaml_configs.md)")
+    return group
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--dry-run``: read by the ``xfuser`` launcher (`compactfusion_xdit.yaml_config`)."""
+    group = parser.add_argument_group("configuration file")
+    group.add_argument("--config", default=None, metavar="FILE.yaml",
+                       help="settings from a YAML file (configs/, docs/yaml_configs.md); flags on the command line "
+                       "override the file")
+    group.add_argument(*_both_spellings("--dry-run"), dest="dry_run", action="store_true",
+                       help="check the settings, print the launch plan and exit without starting any rank")
+
+
+def add_own_args(parser: argparse.ArgumentParser) -> None:
+    """Every flag of ours (no xfuser import): what `build_parser` adds to xfuser's."""
+    add_compactfusion_args(parser)
+    add_launcher_args(parser)
+    add_config_args(parser)
+
+
+def add_mode_args(parser: argparse.ArgumentParser) -> None:
+    """Patch parallelism (DistriFusion) and step parallelism (ParaStep); see `compactfusion_xdit.modes`.
+    Their degrees multiply the world size; xfuser's ``--warmup_steps`` is the displaced mode's warm-up."""
+    group = parser.add_argument_group("parallel modes (patch: DistriFusion, step: ParaStep)")
+    group.add_argument(*_both_spellings("--patch_parallel_degree"), dest="patch_parallel_degree", type=int, default=1,
+                       metavar="N", help="ranks that each own a slice of the image tokens (default 1: off)")
+    group.add_argument(*_both_spellings("--patch_parallel_mode"), dest="patch_parallel_mode", default="displaced",
+                       choices=("sync", "displaced"), help="sync: fresh K/V every layer; displaced (default): other "
+                       "ranks' K/V from the previous step after --warmup_steps synchronous steps")
+    group.add_argument(*_both_spellings("--step_parallel_degree"), dest="step_parallel_degree", type=int, default=1,
+                       metavar="N", help="ranks that evaluate consecutive steps concurrently (default 1: off)")
+    group.add_argument(*_both_spellings("--step_parallel_warmup"), dest="step_parallel_warmup", type=int, default=2,
+                       metavar="K", help="steps computed on every rank before step windows start (default 2)")
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:
@@ -115,19 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xfuser",
         description="xDiT (xfuser 0.7.0) parallel diffusion inference with compressed communication. "
         "Launches one rank per device (torchrun); --model takes a built-in (tiny-flux, tiny-pixart, "
-        "tiny-sd3) or a local diffusers folder.",
+        "tiny-sd3, digits-flux) or a local diffusers folder.",
     )
     xFuserArgs.add_cli_args(parser)
-    add_compactfusion_args(parser)
-    add_launcher_args(parser)
+    add_own_args(parser)
     return parser
 
 
 def compression_config(ns: argparse.Namespace):
     """The `CompressionConfig` the ``--compression*`` flags of `ns` describe.
 
-    ``--compression-no-ef`` turns error feedback off for a residual name, is a no-op with
-    ``none``, and is an error with a plain codec (it has no error feedback to turn off).
+    ``--compression-no-ef`` turns error feedback off for a residual name (and the schedule's
+    residual names), is a no-op with ``none``, and is an error with only plain codecs (they have
+    no error feedback to turn off).
     """
     from compactfusion_xdit.config import CompressionConfig
 
@@ -137,10 +199,23 @@ def compression_config(ns: argparse.Namespace):
         warmup=getattr(ns, "compression_warmup", 1),
         paths=getattr(ns, "compression_paths", "all"),
         check=bool(getattr(ns, "compression_check", False)),
+        schedule=getattr(ns, "compression_schedule", None),
     )
-    if getattr(ns, "compression_no_ef", False) and config.mode != "none":
-        if config.mode != "residual":
+    modes = {config.mode} | {CompressionConfig.parse(rule.codec).mode for rule in config.schedule}
+    if getattr(ns, "compression_no_ef", False) and modes != {"none"}:
+        if "residual" not in modes:
             raise ValueError(f"--compression-no-ef only applies to residual compression, not {name!r}; "
                              f"use e.g. residual-{config.codec}")
         config = CompressionConfig.parse(config, error_feedback=False)
     return config
+
+
+def compile_conflict(ns: argparse.Namespace) -> str | None:
+    """Why ``--use_torch_compile`` cannot go with ``--compression`` (None when it can)."""
+    name = getattr(ns, "compression", "none") or "none"
+    if getattr(ns, "use_torch_compile", False) and name != "none":
+        # Not proven: the compressed exchanges are eager Python around dist.all_to_all_single /
+        # isend, with per-step cache state that a traced graph would freeze.
+        return (f"--use_torch_compile with --compression {name} is not supported (the compressed exchanges "
+                "run eagerly with per-step caches); drop --use_torch_compile or use --compression none")
+    return None

@@ -11,6 +11,10 @@ that do not match the rank count, ``--use_fp8_comms`` with compression, an unkno
 name) are reported here within seconds, as one line, with exit status 2. Without CUDA the ranks
 use gloo with one thread each (unless ``OMP_NUM_THREADS`` is set) and a free port.
 The exit status is torchrun's: non-zero when any rank fails.
+
+``--config FILE.yaml`` reads the settings from a file (`compactfusion_xdit.yaml_config`; flags on the
+command line override it) and ``--dry-run`` runs the checks and prints the plan without launching
+(`compactfusion_xdit.dry_run`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import subprocess
 import sys
 
 from compactfusion_xdit import args as cli_args
+from compactfusion_xdit import dry_run, ports, request_list, yaml_config
+from compactfusion_xdit.modes import layout as modes_layout
 
 #: xfuser's degree flags and the ``--use_cfg_parallel`` switch: together they fix the rank count.
 DEGREE_FLAGS = ("--data_parallel_degree", "--ulysses_degree", "--ring_degree", "--pipefusion_parallel_degree",
@@ -74,6 +80,10 @@ def preparse(argv: list[str]) -> argparse.Namespace:
         parser.add_argument(flag, type=int, default=1)
     parser.add_argument("--use_cfg_parallel", action="store_true")
     parser.add_argument("--use_fp8_comms", action="store_true")
+    parser.add_argument("--use_torch_compile", action="store_true")  # refused with --compression (args.compile_conflict)
+    parser.add_argument("--use_parallel_vae", action="store_true")  # read by the modes' composition check
+    parser.add_argument("--warmup_steps", type=int, default=1)
+    parser.add_argument("--prompt", nargs="*", default="")
     cli_args.add_compactfusion_args(parser)
     cli_args.add_launcher_args(parser)
     ns, _ = parser.parse_known_args(_normalise_flag_names(argv))
@@ -87,13 +97,14 @@ def world_size(ns: argparse.Namespace) -> int:
         if value < 1:
             raise LaunchError(f"{flag} {value} must be at least 1")
     degrees = [getattr(ns, flag[2:]) for flag in DEGREE_FLAGS]
-    return math.prod(degrees) * (2 if ns.use_cfg_parallel else 1)
+    return math.prod(degrees) * (2 if ns.use_cfg_parallel else 1) * modes_layout.total_degree(ns)
 
 
 def _describe_degrees(ns: argparse.Namespace) -> str:
     parts = [f"{flag[2:].replace('_parallel_degree', '').replace('_degree', '')} {getattr(ns, flag[2:])}"
              for flag in DEGREE_FLAGS]
-    return " x ".join(parts + [f"cfg {2 if ns.use_cfg_parallel else 1}"])
+    mode = modes_layout.describe(ns)
+    return " x ".join(parts + [f"cfg {2 if ns.use_cfg_parallel else 1}"] + ([mode] if mode else []))
 
 
 def model_path(model: str | None) -> str:
@@ -129,13 +140,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def plan_launch(ns: argparse.Namespace) -> LaunchPlan:
-    """Check the launcher-visible settings; return the placement. Raises LaunchError."""
+def plan_launch(ns: argparse.Namespace, check_model: bool = True) -> LaunchPlan:
+    """Check the launcher-visible settings; return the placement. Raises LaunchError.
+    ``check_model=False`` skips the model folder (and its head count): the dry run of a config
+    whose model path is a placeholder."""
     if ns.use_fp8_comms and ns.compression != "none":
         raise LaunchError(f"--use_fp8_comms and --compression {ns.compression} both change the Ulysses exchange; "
                           "drop one of them")
+    if cli_args.compile_conflict(ns):
+        raise LaunchError(cli_args.compile_conflict(ns))
     try:
         cli_args.compression_config(ns)
+        modes_layout.check(ns)
+        if getattr(ns, "prompt_file", None):
+            request_list.load_prompt_file(ns.prompt_file)  # a bad line fails here, not in every rank
     except ValueError as err:
         raise LaunchError(str(err)) from None
     world = world_size(ns)
@@ -152,13 +170,17 @@ def plan_launch(ns: argparse.Namespace) -> LaunchPlan:
             raise LaunchError(f"the parallel degrees multiply to {world} ({_describe_degrees(ns)}) but "
                               f"--nproc_per_node {nproc} x --nnodes {ns.nnodes} gives {nproc * ns.nnodes} ranks; "
                               f"drop --nproc_per_node or change the degrees so they multiply to {nproc * ns.nnodes}")
-    path = model_path(ns.model)
-    heads = _attention_heads(path)
+    path = model_path(ns.model) if check_model else None
+    heads = _attention_heads(path) if path else None
     if heads is not None and heads % ns.ulysses_degree:
         raise LaunchError(f"the model has {heads} attention heads, not divisible by --ulysses_degree "
                           f"{ns.ulysses_degree}; use a Ulysses degree that divides {heads} (move the rest to --ring_degree)")
     if ns.nnodes > 1 and ns.master_addr is None:
         raise LaunchError(f"--nnodes {ns.nnodes} needs --master_addr (the address of node 0, the same on every node)")
+    try:
+        ports.check_master_port(ns.master_port, ns.node_rank)
+    except ports.PortInUse as err:
+        raise LaunchError(str(err)) from None
     port = ns.master_port if ns.master_port is not None else (
         DEFAULT_MULTINODE_PORT if ns.nnodes > 1 else _free_port())
     return LaunchPlan(world, nproc, ns.nnodes, ns.node_rank, ns.master_addr or "127.0.0.1", port)
@@ -211,8 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         cli_args.build_parser().print_help()
         return 0
     try:
+        argv = yaml_config.expand_argv(argv)  # --config FILE: the file's flags, then the command line's
+        argv, dry = dry_run.split(argv)
+        if dry:
+            print(dry_run.report(argv))
+            return 0
+        dry_run.check_flags(argv)  # every flag's value, as the ranks will parse it: refused here, not in each rank
         plan = plan_launch(preparse(argv))
-    except LaunchError as err:
+    except (LaunchError, yaml_config.ConfigError) as err:
         print(f"xfuser: error: {err}", file=sys.stderr)
         return 2
     import torch

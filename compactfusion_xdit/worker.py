@@ -18,8 +18,17 @@ caches compared bitwise across ranks after every step and after the run; null wh
 ``--compression-stats`` prints the per-path table on rank 0. With ``--compression none`` nothing is
 counted (zeros, ratio 1.0).
 
-In-process use (tests): ``run_pipeline(args) -> RunResult`` with ``args`` from ``parse_args``; or
-``load_pipeline(args)`` once, then ``call_pipeline(loaded, args, prompt=..., height=...)`` per request.
+Many requests, one launch: ``--prompt_file FILE`` (one prompt or JSON object per line, see
+`compactfusion_xdit.request_list`) or repeated ``--prompt`` serve every request through the same
+ranks; each starts with empty caches, drops them when it ends, and is written as
+``req<NNNN>_image_<i>.png`` (or ``req<NNNN>_latents.npy``) with one ``stats.json`` listing them.
+Rank 0 shows a progress bar over denoising steps and ends with one summary line (time, bytes
+saved, ratio). Wan2.1 T2V and HunyuanVideo folders load through xfuser's runner models
+(`patches.runner_models`) and are written as ``video_<i>.mp4`` (PNG frames + ``.npy`` without PyAV).
+
+In-process use (tests): ``run_pipeline(args) -> RunResult`` with ``args`` from ``parse_args``;
+``serve(args, requests) -> [RunResult]``; or ``load_pipeline(args)`` once, then
+``call_pipeline(loaded, args, prompt=..., height=...)`` per request.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Any
 import torch
 
 from compactfusion_xdit import args as cli_args
-from compactfusion_xdit import patches
+from compactfusion_xdit import faults, liveness, modes, outputs, patches, request_list
 from compactfusion_xdit.patches import cpu_gloo
 
 #: diffusers pipeline class name (model_index.json ``_class_name``) -> xfuser wrapper class name.
@@ -45,6 +54,10 @@ PIPELINES = {
     "PixArtSigmaPipeline": "xFuserPixArtSigmaPipeline",
     "StableDiffusion3Pipeline": "xFuserStableDiffusion3Pipeline",
 }
+
+#: Pipelines with no xfuser wrapper class, loaded by xfuser's runner model of their class
+#: (`patches.runner_models`); their output is a video (``out.frames``).
+RUNNER_MODEL_PIPELINES = ("WanPipeline", "HunyuanVideoPipeline")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -98,8 +111,9 @@ def resolve_model_path(model: str) -> str:
 def pipeline_class_name(model_path: str) -> str:
     with open(os.path.join(model_path, "model_index.json")) as f:
         name = json.load(f).get("_class_name")
-    if name not in PIPELINES:
-        raise UsageError(f"model {model_path!r} is a {name}; supported pipelines: {', '.join(PIPELINES)}")
+    if name not in PIPELINES and name not in RUNNER_MODEL_PIPELINES:
+        supported = ", ".join([*PIPELINES, *RUNNER_MODEL_PIPELINES])
+        raise UsageError(f"model {model_path!r} is a {name}; supported pipelines: {supported}")
     return name
 
 
@@ -121,17 +135,27 @@ def parallel_settings(args: argparse.Namespace) -> dict:
         "tensor_parallel": int(getattr(args, "tensor_parallel_degree", 1) or 1),
         "num_pipeline_patch": int(args.num_pipeline_patch or 1),
         "warmup_steps": int(args.warmup_steps),
+        **modes_settings(args),
     }
+
+
+def modes_settings(args: argparse.Namespace) -> dict:
+    """The parallel modes' degrees (see `compactfusion_xdit.modes`), for checks and stats.json."""
+    layout = modes.layout
+    return {"patch": layout.degree(args, "patch"), "patch_mode": getattr(args, "patch_parallel_mode", "displaced"),
+            "step": layout.degree(args, "step"), "step_warmup": int(getattr(args, "step_parallel_warmup", 2) or 0)}
 
 
 def check_settings(args: argparse.Namespace, model_path: str, class_name: str, world_size: int) -> None:
     """Reject combinations xfuser would fail on later (or silently mis-handle), one line each."""
     par = parallel_settings(args)
     product = par["data_parallel"] * par["ulysses"] * par["ring"] * par["pipefusion"] * par["cfg"] * par["tensor_parallel"]
+    product *= par["patch"] * par["step"]
     if product != world_size:
         raise UsageError(
             f"the parallel degrees multiply to {product} (data {par['data_parallel']} x ulysses {par['ulysses']} x ring "
-            f"{par['ring']} x pipefusion {par['pipefusion']} x cfg {par['cfg']}) but {world_size} ranks were launched; "
+            f"{par['ring']} x pipefusion {par['pipefusion']} x cfg {par['cfg']} x patch {par['patch']} x step "
+            f"{par['step']}) but {world_size} ranks were launched; "
             f"launch {product} ranks or change the degrees"
         )
     heads = _transformer_config(model_path).get("num_attention_heads")
@@ -147,10 +171,17 @@ def check_settings(args: argparse.Namespace, model_path: str, class_name: str, w
             f"--num_pipeline_patch {par['num_pipeline_patch']} is smaller than --pipefusion_parallel_degree "
             f"{par['pipefusion']}; use at least one patch per stage"
         )
+    try:
+        modes.check(args)
+    except modes.CompositionError as err:
+        raise UsageError(str(err)) from None
     if args.output_type not in ("pil", "latent"):
         raise UsageError(f"--output_type {args.output_type!r} is not supported; use pil or latent")
     if getattr(args, "use_fp8_comms", False) and getattr(args, "compression", "none") != "none":
         raise UsageError("--use_fp8_comms and --compression both change the Ulysses exchange; use one of them")
+    problem = cli_args.compile_conflict(args)
+    if problem:
+        raise UsageError(problem)
 
 
 def model_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -180,6 +211,7 @@ def _call_kwargs(pipe, args: argparse.Namespace, input_config, generator) -> dic
         "guidance_scale": input_config.guidance_scale,
         "max_sequence_length": input_config.max_sequence_length,
         "use_resolution_binning": input_config.use_resolution_binning,
+        "num_frames": input_config.num_frames,
         "output_type": input_config.output_type,
         "generator": generator,
     }
@@ -196,6 +228,7 @@ class Loaded:
     class_name: str
     dtype: torch.dtype
     config: Any  # CompressionConfig
+    mode: Any = None  # the installed patch/step parallel mode (compactfusion_xdit.modes), if any
 
 
 def load_pipeline(args: argparse.Namespace) -> Loaded:
@@ -218,63 +251,165 @@ def load_pipeline(args: argparse.Namespace) -> Loaded:
     if not torch.distributed.is_initialized() and "MASTER_ADDR" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    try:  # the world group with a bounded timeout, before xfuser builds its groups
+        started = liveness.init_process_group(xfuser.envs.get_torch_distributed_backend())
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if started:  # create_config skips xfuser's own set-up when the group exists
+        from xfuser.core.distributed import init_distributed_environment
+
+        init_distributed_environment()
 
     engine_args = xFuserArgs.from_cli_args(args)
     engine_args.model = model_path
+    engine_args.data_parallel_degree = modes.layout.xfuser_data_parallel_degree(args)  # the modes' ranks
     engine_config, input_config = engine_args.create_config()
     dtype = model_dtype(args)
+    check_ranks_agree(args, config, input_config, dtype)  # before the model is built
+    liveness.start_liveness()  # so a failure can name a lost rank
     engine_config.runtime_config.dtype = dtype  # sizes PipeFusion receive buffers (default fp16)
 
-    pipeline_cls = getattr(xfuser, PIPELINES[class_name])
-    pipe = pipeline_cls.from_pretrained(model_path, engine_config=engine_config, torch_dtype=dtype)
+    if class_name in RUNNER_MODEL_PIPELINES:
+        from compactfusion_xdit.patches import runner_models
+
+        settings = {"prompt": input_config.prompt, "height": input_config.height, "width": input_config.width,
+                    "num_inference_steps": input_config.num_inference_steps, "seed": input_config.seed,
+                    "num_frames": input_config.num_frames}
+        pipe = runner_models.load_with_runner_model(model_path, engine_args, settings, dtype)
+    else:
+        pipeline_cls = getattr(xfuser, PIPELINES[class_name])
+        pipe = pipeline_cls.from_pretrained(model_path, engine_config=engine_config, torch_dtype=dtype)
     device = torch.device("cuda", get_world_group().local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return Loaded(pipe.to(device), input_config, class_name, dtype, config)
+    pipe = pipe.to(device)
+    mode = modes.install(pipe, args, session)  # patch / step parallelism; None when off
+    faults.install(pipe, get_world_group().rank)  # CFX_FAULT (reliability tests); nothing when unset
+    return Loaded(pipe, input_config, class_name, dtype, config, mode)
 
 
-def call_pipeline(loaded: Loaded, args: argparse.Namespace, **overrides) -> Any:
+def check_ranks_agree(args: argparse.Namespace, config, input_config, dtype: torch.dtype) -> None:
+    """Every rank must run the same compression, layout, model, input and versions (collective)."""
+    from compactfusion_xdit import consistency
+
+    fields = consistency.run_fields(
+        compression=config.to_dict(), parallel=parallel_settings(args), model=args.model, dtype=str(dtype),
+        world_size=torch.distributed.get_world_size(),
+        input={"height": input_config.height, "width": input_config.width, "seed": input_config.seed,
+               "num_inference_steps": input_config.num_inference_steps, "output_type": input_config.output_type})
+    try:
+        consistency.check_ranks(fields)
+    except consistency.ConfigMismatch as err:
+        raise UsageError(str(err)) from None
+
+
+def call_pipeline(loaded: Loaded, args: argparse.Namespace, seed: int | None = None, **overrides) -> Any:
     """One request (``pipe(...)``) with the run's settings; `overrides` replace call arguments
-    (e.g. ``prompt=``, ``height=``, ``width=``). The generator is seeded afresh each call."""
-    generator = torch.Generator(device="cpu").manual_seed(loaded.input_config.seed)
+    (e.g. ``prompt=``, ``height=``, ``width=``). The generator is seeded afresh each call
+    (`seed`, default the run's ``--seed``)."""
+    generator = torch.Generator(device="cpu").manual_seed(loaded.input_config.seed if seed is None else seed)
     kwargs = _call_kwargs(loaded.pipe, args, loaded.input_config, generator)
     kwargs.update(overrides)
-    return loaded.pipe(**kwargs)
+    try:
+        return loaded.pipe(**kwargs)
+    except BaseException:
+        session = patches.session()
+        if session is not None:
+            session.abandon_request()  # a failed request leaves no cache or buffer behind
+        raise
 
 
 def run_pipeline(args: argparse.Namespace) -> RunResult:
     """Run one request on this rank (torch.distributed env vars set, or a single process)."""
+    return serve(args)[0]
+
+
+def default_request(args: argparse.Namespace, input_config) -> request_list.Request:
+    """The run's own settings as a request (what a launch without a prompt list serves)."""
+    return request_list.Request(prompt=input_config.prompt, height=input_config.height, width=input_config.width,
+                                num_inference_steps=input_config.num_inference_steps, seed=input_config.seed)
+
+
+def serve(args: argparse.Namespace, requests: list | None = None) -> list[RunResult]:
+    """Load once, then run each request (default: the run's own settings) through the same ranks.
+
+    Per request: the plugin's caches start empty and are dropped when it ends (none outlives its
+    request), its traffic is counted alone, and ``stats`` records the rank's resident memory after it.
+    """
     from xfuser.core.distributed import get_runtime_state, get_world_group
 
     loaded = load_pipeline(args)
-    input_config, config, dtype = loaded.input_config, loaded.config, loaded.dtype
-    start = time.perf_counter()
-    out = call_pipeline(loaded, args)
-    elapsed = time.perf_counter() - start
-
     world = get_world_group()
+    outputs.quiet_progress(loaded.pipe, world.rank)
+    if requests is None:
+        requests = [default_request(args, loaded.input_config)]
+    defaults = dataclasses.asdict(default_request(args, loaded.input_config))
+    session = patches.session()
+    results = []
+    for request in requests:
+        request = request.with_defaults(defaults)
+        begin_request_state(session)
+        start = time.perf_counter()
+        out = call_pipeline(loaded, args, seed=request.seed, **request.overrides())
+        elapsed = time.perf_counter() - start
+        results.append(_request_result(loaded, args, world, request, out, elapsed, session))
+    get_runtime_state().destroy_distributed_env()
+    return results
+
+
+def begin_request_state(session, reset_stats: bool = True) -> None:
+    """A fresh request for the plugin even where the pipeline does not announce one (diffusers
+    loops): caches dropped, step 0; traffic counted afresh unless `reset_stats` is False."""
+    if session is None:
+        return
+    if reset_stats:
+        session.state.reset_stats()
+    if session.lifecycle is not None:
+        session.lifecycle.reset_checks()
+        session.lifecycle.begin_request()
+    else:
+        session.begin_request()
+
+
+def _request_result(loaded: Loaded, args, world, request, out, elapsed: float, session) -> RunResult:
+    from xfuser.core.distributed import get_runtime_state
+
     is_output_rank = world.rank == world.world_size - 1
-    traffic = compression_traffic(patches.session())
+    traffic = compression_traffic(session)
+    if session is not None:
+        session.state.reset()  # no cache entry outlives its request
     if getattr(args, "compression_stats", False) and world.rank == 0:
         print(format_traffic(traffic))
-    output = out.images if (is_output_rank and out is not None) else None
+    output = None
+    if is_output_rank and out is not None:
+        output = out.frames if hasattr(out, "frames") else out.images
     stats = {
         "world_size": world.world_size,
         "elapsed_s": elapsed,
         "model": args.model,
         "pipeline": loaded.class_name,
-        "dtype": str(dtype).replace("torch.", ""),
-        "height": input_config.height,
-        "width": input_config.width,
-        "num_inference_steps": input_config.num_inference_steps,
-        "seed": input_config.seed,
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "prompt": request.prompt,
+        "height": request.height,
+        "width": request.width,
+        "num_inference_steps": request.num_inference_steps,
+        "seed": request.seed,
         "parallel": parallel_settings(args),
-        "compression": config.name,
-        "compression_config": config.to_dict(),
+        "compression": loaded.config.name,
+        "compression_config": loaded.config.to_dict(),
         "attention_backend": get_runtime_state().attention_backend.name,
+        "cache_entries_after": session.state.stats()["cache_entries"] if session is not None else 0,
+        "rss_bytes": resident_bytes(),
         **traffic,
     }
-    result = RunResult(world.rank, world.world_size, is_output_rank, output, stats)
-    get_runtime_state().destroy_distributed_env()
-    return result
+    return RunResult(world.rank, world.world_size, is_output_rank, output, stats)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def compression_traffic(session) -> dict:
@@ -319,45 +454,89 @@ def format_traffic(traffic: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
 
 
-def write_outputs(result: RunResult, output_dir: str, output_type: str) -> list[str]:
-    """Write the output rank's files; returns the paths written."""
+def write_outputs(result: RunResult, output_dir: str, output_type: str, prefix: str = "",
+                  stats_file: str | None = "stats.json") -> list[str]:
+    """Write the output rank's files (``<prefix>image_<i>.png`` or ``<prefix>latents.npy``, and
+    `stats_file` unless None); returns the paths written."""
     import numpy as np
 
     os.makedirs(output_dir, exist_ok=True)
     written = []
     if output_type == "latent":
-        path = os.path.join(output_dir, "latents.npy")
+        path = os.path.join(output_dir, f"{prefix}latents.npy")
         np.save(path, result.output.detach().float().cpu().numpy())
         written.append(path)
+    elif result.stats["pipeline"] in RUNNER_MODEL_PIPELINES:  # videos: frames per batch item
+        for i, video in enumerate(result.output):
+            written += outputs.save_video(video, os.path.join(output_dir, f"{prefix}video_{i}"), fps=16)
     else:
-        for i, image in enumerate(result.output):
-            path = os.path.join(output_dir, f"image_{i}.png")
-            image.save(path)
-            written.append(path)
+        written += outputs.save_images(result.output, os.path.join(output_dir, f"{prefix}image"))
+    result.stats["outputs"] = [os.path.basename(p) for p in written]
+    if stats_file is None:
+        return written
+    stats_path = os.path.join(output_dir, stats_file)
+    with open(stats_path, "w") as f:
+        json.dump(result.stats, f, indent=2)
+    return written + [stats_path]
+
+
+def write_request_outputs(results: list[RunResult], output_dir: str, output_type: str) -> list[str]:
+    """One request: as `write_outputs`. Several: ``req<NNNN>_image_<i>.png`` (or ``_latents.npy``)
+    per request and one ``stats.json`` with a ``requests`` list and the summed traffic."""
+    if len(results) == 1:
+        return write_outputs(results[0], output_dir, output_type)
+    written = []
+    for n, result in enumerate(results):
+        written += write_outputs(result, output_dir, output_type, prefix=f"req{n:04d}_", stats_file=None)
+    raw, sent = sum(r.stats["raw_bytes"] for r in results), sum(r.stats["sent_bytes"] for r in results)
+    summary = {"requests": [r.stats for r in results], "raw_bytes": raw, "sent_bytes": sent,
+               "ratio": raw / sent if sent else 1.0, "elapsed_s": sum(r.stats["elapsed_s"] for r in results)}
     stats_path = os.path.join(output_dir, "stats.json")
     with open(stats_path, "w") as f:
-        json.dump({**result.stats, "outputs": [os.path.basename(p) for p in written]}, f, indent=2)
+        json.dump(summary, f, indent=2)
     return written + [stats_path]
+
+
+def request_summary(results: list[RunResult]) -> str:
+    """The closing line: time, bytes saved, ratio over every request of the launch."""
+    raw, sent = sum(r.stats["raw_bytes"] for r in results), sum(r.stats["sent_bytes"] for r in results)
+    elapsed = sum(r.stats["elapsed_s"] for r in results)
+    return outputs.summary_line(elapsed, len(results), raw, sent, results[0].stats["compression"])
 
 
 def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
-        result = run_pipeline(args)
-        if result.is_output_rank:
-            for path in write_outputs(result, args.output_dir, args.output_type):
+        try:
+            requests = request_list.collect(argv, args.prompt_file, {}) if (
+                args.prompt_file or request_list.repeated_prompts(argv)) else None
+        except request_list.RequestError as err:
+            raise UsageError(str(err)) from None
+        results = serve(args, requests)
+        if results[0].is_output_rank:
+            for path in write_request_outputs(results, args.output_dir, args.output_type):
                 print(f"wrote {path}")
+        if results[0].rank == 0:
+            print(request_summary(results), flush=True)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # one line for users; CFX_DEBUG=1 shows the traceback
         if os.environ.get("CFX_DEBUG"):
             raise
-        print(f"error (rank {rank}): {type(err).__name__}: {err}  [set CFX_DEBUG=1 for the traceback]", file=sys.stderr)
+        lost = liveness.lost_ranks_note()  # names a dead or frozen peer, if any
+        print(f"error (rank {rank}): {lost}{type(err).__name__}: {err}  [set CFX_DEBUG=1 for the traceback]",
+              file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:  # a failed rank must not wait in interpreter shutdown for peers that are gone
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -19,10 +19,13 @@
 
 Cache checks (``config.check``, ``--compression-check``): when a step ends (the next one starts)
 every rank compares its cache digests over the world group (`StepTracker.check_caches`); the
-worker adds one more check after the run and reads the outcome from ``session.lifecycle``.
-With PipeFusion (pipeline degree > 1) only the final check runs: the stages are pipelined, so a
-collective at one stage's step boundary would wait for a stage that is itself waiting for the
-first one's next patch (observed: deadlock), and stage-to-stage messages are in flight there.
+worker adds one more check after the run and reads the outcome from ``session.lifecycle``. That
+final check also compares, key by key, the checksum every sender and receiver recorded after each
+message (`compactfusion_xdit.cache_history`): every step of every path, with no collective during
+the request. With PipeFusion (pipeline degree > 1) that history is the per-step check: the stages
+are pipelined, so a collective at one stage's step boundary would wait for a stage that is itself
+waiting for the first one's next patch (observed: deadlock), and stage-to-stage messages are in
+flight there.
 
 Nothing here depends on one model file; the loops of Flux, PixArt, SD3 (sync and PipeFusion
 async) all pass through these two points.
@@ -47,6 +50,11 @@ class StepTracker:
         self.last_timestep: torch.Tensor | None = None
         self.checks = 0  # cache checks run (every rank the same number)
         self.mismatches: list[str] = []  # what the checks found (empty: caches consistent)
+        self.history = None  # per-message cache history (compactfusion_xdit.cache_history) when checking
+        if getattr(session.config, "check", False):
+            from compactfusion_xdit.cache_history import CacheHistory
+
+            self.history = CacheHistory(session.state)
 
     @property
     def cache_consistent(self) -> bool | None:
@@ -58,7 +66,17 @@ class StepTracker:
         self.mismatches.clear()
 
     def check_caches(self) -> list[str]:
-        """Compare every cache across the world group (collective: every rank must call it)."""
+        """After a request: compare every cache, and every key's history of cache updates (one entry
+        per message: every step, every path), across the world group (collective: every rank)."""
+        problems = self._check_now()
+        if self.history is not None:
+            history = self.history.mismatches(None)
+            self.mismatches.extend(f"history: {p}" for p in history)
+            problems = problems + history
+        return problems
+
+    def _check_now(self) -> list[str]:
+        """Compare the caches as they are now across the world group (collective)."""
         problems = self.session.check_caches(None)
         self.checks += 1
         self.mismatches.extend(f"step {self.session.step}: {p}" for p in problems)
@@ -74,6 +92,8 @@ class StepTracker:
     def begin_request(self) -> None:
         self.calls = 0
         self.last_timestep = None
+        if self.history is not None:
+            self.history.clear()
         self.session.begin_request()
 
     def before_backbone(self, timestep: Any, continuing_patch: bool) -> None:
@@ -85,7 +105,7 @@ class StepTracker:
             pass
         else:
             if self._checks_per_step():
-                self.check_caches()
+                self._check_now()
             self.session.set_step(self.session.step + 1)
         self.calls += 1
         self.last_timestep = t
@@ -110,22 +130,43 @@ def apply(patcher: AttributePatcher, session: Any) -> StepTracker:
         if original is not None:
             patcher.replace(runtime_cls, name, _begin_request_wrapper(original, tracker))
 
-    module_call = xFuserTransformerBaseWrapper.__call__
+    def tracked(module_call):
+        def backbone_call(self, *args, **kwargs):
+            if tracker.depth == 0:
+                state = rs_module.get_runtime_state()
+                continuing_patch = bool(getattr(state, "patch_mode", False)) and getattr(state, "pipeline_patch_idx", 0) != 0
+                # xfuser's pipelines pass the timestep by keyword; a positional one is not compared.
+                tracker.before_backbone(kwargs.get("timestep"), continuing_patch)
+            tracker.depth += 1
+            try:
+                return module_call(self, *args, **kwargs)
+            finally:
+                tracker.depth -= 1
 
-    def backbone_call(self, *args, **kwargs):
-        if tracker.depth == 0:
-            state = rs_module.get_runtime_state()
-            continuing_patch = bool(getattr(state, "patch_mode", False)) and getattr(state, "pipeline_patch_idx", 0) != 0
-            # xfuser's pipelines pass the timestep by keyword; a positional one is not compared.
-            tracker.before_backbone(kwargs.get("timestep"), continuing_patch)
-        tracker.depth += 1
-        try:
-            return module_call(self, *args, **kwargs)
-        finally:
-            tracker.depth -= 1
+        return backbone_call
 
-    patcher.replace(xFuserTransformerBaseWrapper, "__call__", backbone_call)
+    patcher.replace(xFuserTransformerBaseWrapper, "__call__", tracked(xFuserTransformerBaseWrapper.__call__))
+    for backbone in _plain_diffusers_backbones():
+        patcher.replace(backbone, "__call__", tracked(backbone.__call__))
     return tracker
+
+
+def _plain_diffusers_backbones() -> list[type]:
+    """xfuser backbones that subclass the diffusers model instead of xFuserTransformerBaseWrapper
+    (the runner's Flux, Wan and HunyuanVideo models call them from diffusers' own pipelines)."""
+    import importlib
+
+    found = []
+    for module, name in (("transformer_flux", "xFuserFlux1Transformer2DWrapper"),
+                         ("transformer_wan", "xFuserWanTransformer3DWrapper"),
+                         ("transformer_wan_vace", "xFuserWanVACETransformer3DWrapper"),
+                         ("transformer_hunyuan_video", "xFuserHunyuanVideoTransformer3DWrapper"),
+                         ("transformer_hunyuan_video15", "xFuserHunyuanVideo15Transformer3DWrapper")):
+        try:
+            found.append(getattr(importlib.import_module(f"xfuser.model_executor.models.transformers.{module}"), name))
+        except (ImportError, AttributeError):
+            pass
+    return found
 
 
 def _begin_request_wrapper(original, tracker: StepTracker):
