@@ -255,7 +255,9 @@ def load_pipeline(args: argparse.Namespace) -> Loaded:
         started = liveness.init_process_group(xfuser.envs.get_torch_distributed_backend())
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if started:  # create_config skips xfuser's own set-up when the group exists
+    if started or torch.distributed.is_initialized():
+        # create_config skips xfuser's own set-up when the group exists; this call is idempotent and
+        # also restores xfuser's world group after destroy_distributed_environment (a second load)
         from xfuser.core.distributed import init_distributed_environment
 
         init_distributed_environment()

@@ -143,6 +143,7 @@ def assert_consistent(results: list[dict], names: list[str]) -> None:
             assert r["coded"] > 0 and r["messages"] > 0, (rank, name, r)
 
 
+@pytest.mark.slow  # ~2 min of launches; run with -m slow
 def test_pipefusion_caches_checked_at_every_message_over_20_steps():
     names = ["residual-1bit"]
     results = run_ranks(f"{HERE}:check_codecs", 2, {"argv": base_argv("pipefusion"), "names": names,

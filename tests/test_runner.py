@@ -129,6 +129,7 @@ def codecs_by_dtype(rank: int, world_size: int, argv: list[str], names: list[str
 CODECS = ["none", "residual-int8", "residual-int4", "residual-int2", "residual-1bit", "residual-lowrank-4", "int4"]
 
 
+@pytest.mark.slow  # ~2 min of launches; run with -m slow
 def test_fp16_and_bf16_run_with_every_codec(folders):
     """One two-rank Ulysses load of tiny-flux, cast to fp16 then bf16; each codec serves one request
     (torch 2.13 runs fp16 and bf16 matmuls on CPU). Outputs are finite, of the cast dtype, close to the

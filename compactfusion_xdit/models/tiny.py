@@ -196,15 +196,21 @@ def materialize(name: str, cache_dir: str | None = None) -> str:
         return path
     if name in _SHIPPED:  # nothing to build: the trained weights come with the package
         raise FileNotFoundError(f"the built-in model {name} is missing from {path}; reinstall compactfusion-xdit")
+    return save_once(path, lambda: build_pipeline(name))
+
+
+def save_once(path: str, build) -> str:
+    """Save the pipeline `build()` returns as a diffusers folder at `path`, written under a temporary
+    name and renamed into place (the first of concurrent writers wins); return `path`."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
-        build_pipeline(name).save_pretrained(tmp)
+        build().save_pretrained(tmp)
         try:
             os.rename(tmp, path)
         except OSError:
-            if not is_materialized(name, cache_dir):
+            if not os.path.isfile(os.path.join(path, "model_index.json")):
                 raise
     finally:
         if os.path.isdir(tmp):

@@ -12,8 +12,6 @@ runner and the ``xfuser`` command load them with ``--model <folder>``.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Callable
 
 import torch
@@ -98,17 +96,4 @@ def materialize(name: str, cache_dir: str | None = None) -> str:
     path = cached_path(name, cache_dir)
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return path
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        build_pipeline(name).save_pretrained(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not os.path.isfile(os.path.join(path, "model_index.json")):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return tiny.save_once(path, lambda: build_pipeline(name))
