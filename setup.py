@@ -23,7 +23,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "triton>=3.0; platform_machine == 'x86_64'"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "scikit-learn", "matplotlib",
+                 "triton>=3.0; platform_machine == 'x86_64'"],
         "triton": ["triton>=3.0"],
         "video": ["av"],
         "flash": ["flash-attn"],
