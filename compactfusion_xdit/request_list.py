@@ -127,3 +127,11 @@ def collect(argv: list[str], prompt_file: str | None, defaults: dict[str, Any]) 
     else:
         requests = [Request(prompt=defaults.get("prompt"))]
     return [r.with_defaults(defaults) for r in requests]
+
+
+def listed_requests(argv: list[str], prompt_file: str | None) -> list[Request] | None:
+    """The requests the command line lists (a prompt file or repeated ``--prompt``); None when it
+    lists none and the run's own settings make the one request."""
+    if not (prompt_file or repeated_prompts(argv)):
+        return None
+    return collect(argv, prompt_file, {})

@@ -104,8 +104,7 @@ def run(argv: list[str]) -> int:
     ns = build_parser().parse_args(argv)
     config = check_flags(ns)
     try:
-        requests = request_list.collect(argv, ns.prompt_file, {}) if (
-            ns.prompt_file or request_list.repeated_prompts(argv)) else None
+        requests = request_list.listed_requests(argv, ns.prompt_file)
     except request_list.RequestError as err:
         raise RunnerError(str(err)) from None
     patches.install(config)  # before xfuser builds its config or the model

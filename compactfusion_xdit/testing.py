@@ -36,6 +36,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_all(procs) -> None:
+    """SIGKILL the process group of every rank still running (each started with start_new_session) and reap it."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
+
+
 def rank_env(rank: int, world_size: int, port: int, threads: int = 1) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -97,13 +108,7 @@ def run_ranks(
                     break
                 time.sleep(0.05)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    try:
-                        os.killpg(p.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    p.wait()
+            kill_all(procs)
         failed = [r for r, p in enumerate(procs) if p.returncode != 0]
         if timed_out or failed:
             tails = []

@@ -512,8 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         try:
-            requests = request_list.collect(argv, args.prompt_file, {}) if (
-                args.prompt_file or request_list.repeated_prompts(argv)) else None
+            requests = request_list.listed_requests(argv, args.prompt_file)
         except request_list.RequestError as err:
             raise UsageError(str(err)) from None
         results = serve(args, requests)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from compactfusion_xdit.testing import kill_all
 
 
 class BenchError(RuntimeError):
@@ -35,17 +36,6 @@ def _rank_env(rank: int, world: int, master: str, port: int, ifname: str | None)
         env["GLOO_SOCKET_IFNAME"] = ifname
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
-
-
-def _kill(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for p in procs:
-        p.wait()
 
 
 def launch(runs: list[list[str]], world: int, rates: list[str], requests: int, timeout: float,
@@ -100,7 +90,7 @@ def launch(runs: list[list[str]], world: int, rates: list[str], requests: int, t
             out.append(entry)
         return out
     finally:
-        _kill(procs)
+        kill_all(procs)
         for log in logs:
             log.close()
         shutil.rmtree(workdir, ignore_errors=True)
