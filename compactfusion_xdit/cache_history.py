@@ -23,7 +23,8 @@ from typing import Any, Hashable
 import torch
 import torch.distributed as dist
 
-_SIDES = {"encode": "send", "seed_sender": "send", "decode": "recv", "seed_receiver": "recv"}
+_SIDES = {"encode": "send", "seed_sender": "send", "decode": "recv", "seed_receiver": "recv",
+          "encode_many": "send", "decode_many": "recv"}
 _NO_CACHE = "-"
 
 
@@ -47,7 +48,8 @@ class CacheHistory:
     def _recording(self, method, side: str):
         def call(key, *args, **kwargs):
             result = method(key, *args, **kwargs)
-            self.record(side, key)
+            for k in key if method.__name__.endswith("_many") else (key,):
+                self.record(side, k)
             return result
 
         call.__wrapped__ = method

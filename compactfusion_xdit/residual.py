@@ -216,6 +216,9 @@ class ResidualState:
 
         `finite` may carry a precomputed ``isfinite(x).all()`` (one host sync for several chunks).
         """
+        return self._encode(key, x, out, finite)
+
+    def _encode(self, key: Hashable, x: torch.Tensor, out: torch.Tensor | None, finite: bool | None) -> Outgoing:
         mode, codec = self.choice(key)
         n = self.wire_nbytes(tuple(x.shape), x.dtype, key)
         wire = torch.empty(n, dtype=torch.uint8, device=x.device) if out is None else out
@@ -257,7 +260,10 @@ class ResidualState:
         `raw_follows` may carry that flag when the caller already read it (saves a host sync).
         The result is a fresh tensor (or `out`), never the cache itself.
         """
-        shape = tuple(shape)
+        return self._decode(key, wire, tuple(shape), dtype, fallback, out, raw_follows)
+
+    def _decode(self, key: Hashable, wire: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                fallback: torch.Tensor | None, out: torch.Tensor | None, raw_follows: bool | None) -> torch.Tensor:
         mode, codec = self.choice(key)
         fresh = False  # y2 is a new tensor nobody else holds
         if raw_follows is None:
@@ -292,6 +298,53 @@ class ResidualState:
                 out.view(shape_2d(shape)).copy_(y2)
             return out
         return y2.reshape(shape) if fresh else y2.reshape(shape).clone()
+
+    def encode_many(self, keys: list, xs: list[torch.Tensor], outs: list[torch.Tensor],
+                    finite: list[bool]) -> list[Outgoing]:
+        """`encode` for several keys at once: xs[i] (all of one shape and dtype) goes to keys[i], its
+        wire message into outs[i]. The messages and caches equal those of one `encode` per key; a
+        codec whose rows code independently (int8/int4/int2) codes the whole stack in one call."""
+        batch = self._batch_codec(keys)
+        if batch is not None and all(finite):
+            mode, codec = batch
+            x2 = torch.cat([as_2d(x) for x in xs])
+            if mode == "plain":
+                self._write_rows(codec.encode(x2), outs)
+                return [Outgoing(w) for w in outs]
+            bases = [self._cache(self._send, k, xs[0]) for k in keys]
+            if all(b is not None for b in bases):
+                base = torch.cat(bases)
+                payload = codec.encode_residual(x2, base, error_feedback=self.config.error_feedback)
+                for b, part in zip(bases, base.chunk(len(keys))):
+                    b.copy_(part)
+                self._write_rows(payload, outs)
+                return [Outgoing(w) for w in outs]
+        return [self._encode(k, x, w, f) for k, x, w, f in zip(keys, xs, outs, finite)]
+
+    def decode_many(self, keys: list, wires: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+                    outs: list[torch.Tensor], fallbacks: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """`decode` for several keys at once: wires[i] came on keys[i] and is decoded into outs[i]
+        (`fallbacks[i]`: the raw tensor when that message said it follows). The results and caches
+        equal those of one `decode` per key; row-independent codecs decode the stack in one call."""
+        shape = tuple(shape)
+        fallbacks = fallbacks or [None] * len(keys)
+        batch = self._batch_codec(keys)
+        if batch is not None and all(f is None for f in fallbacks):
+            mode, codec = batch
+            entries = [self._recv.get(k) for k in keys]
+            if mode == "plain" or all(e is not None and e[1] == shape and e[0].dtype == dtype for e in entries):
+                payload = self._read_rows(codec, wires, shape_2d(shape), dtype)
+                if mode == "plain":
+                    y = codec.decode(payload)
+                else:
+                    y = torch.cat([e[0] for e in entries])
+                    codec.decode_residual(payload, y)
+                for i, part in enumerate(y.chunk(len(keys))):
+                    if mode == "residual":
+                        entries[i][0].copy_(part)
+                    outs[i].view(part.shape).copy_(part)
+                return outs
+        return [self._decode(k, w, shape, dtype, f, o, f is not None) for k, w, o, f in zip(keys, wires, outs, fallbacks)]
 
     # ----- stats and checks -------------------------------------------------------------------
     def record(self, path: str, kind: MessageKind, raw_bytes: int, sent_bytes: int, messages: int = 1) -> None:
@@ -374,6 +427,44 @@ class ResidualState:
             return False
         self._store(side, key, x)
         return True
+
+    def _batch_codec(self, keys: list) -> tuple[str, Any] | None:
+        """(mode, codec) when the messages of `keys` can be coded as one stack, else None."""
+        if len(keys) < 2:
+            return None
+        chosen = self.choice(keys[0])
+        if not getattr(chosen[1], "rows_independent", False) or any(self.choice(k) != chosen for k in keys[1:]):
+            return None
+        return chosen
+
+    @staticmethod
+    def _write_rows(payload, outs: list[torch.Tensor]) -> None:
+        """Split a stacked payload into one wire message per stacked tensor (rows in equal parts)."""
+        offset = 0
+        for t in payload.tensors:
+            per_message = t.reshape(len(outs), -1).view(torch.uint8)
+            width = per_message.shape[1]
+            for wire, row in zip(outs, per_message):
+                wire[offset:offset + width].copy_(row)
+            offset += width
+        for wire in outs:
+            if offset != wire.numel() - HEADER_NBYTES:
+                raise RuntimeError(f"codec {payload.codec!r} wrote {offset} payload bytes per message, "
+                                   f"the wire holds {wire.numel() - HEADER_NBYTES}")
+            wire[-1:].fill_(FLAG_PAYLOAD)
+
+    @staticmethod
+    def _read_rows(codec, wires: list[torch.Tensor], shape2: tuple[int, int], dtype: torch.dtype):
+        """The stacked payload of several wire messages, each for a tensor of 2-D shape `shape2`."""
+        from compactfusion_xdit.codecs.base import Payload
+
+        parts, offset, count = [], 0, len(wires)
+        for s, d in codec.layout(shape2, dtype):
+            size = math.prod(s) * torch.empty((), dtype=d).element_size()
+            block = torch.stack([w[offset:offset + size] for w in wires])
+            parts.append(block.view(d).reshape((count * s[0], *s[1:])))
+            offset += size
+        return Payload(tensors=tuple(parts), shape=(count * shape2[0], shape2[1]), dtype=dtype, codec=codec.name)
 
     @staticmethod
     def _raw_follows(wire: torch.Tensor, x: torch.Tensor) -> Outgoing:

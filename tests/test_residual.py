@@ -336,3 +336,72 @@ def test_stats_count_what_the_communicator_records():
     assert (s["raw_bytes"], s["sent_bytes"], s["messages"]) == (3 * 64 * 128 * 4 + 100, 3 * n + 100, 4)
     assert s["paths"]["ulysses"]["coded_messages"] == 3 and s["paths"]["ring"]["raw_messages"] == 1
     assert s["compression"] == "residual-int4"
+
+
+# --------------------------------------------------------------------------------------------
+# Several keys at once (encode_many / decode_many): the bytes and caches of one call per key
+# --------------------------------------------------------------------------------------------
+
+
+def keyed_messages(sender, receiver, keys, xs, many: bool):
+    """One CODED step for several keys, batched or one call per key: (wires, outputs)."""
+    n = sender.wire_nbytes(tuple(xs[0].shape), xs[0].dtype, keys[0])
+    wires = [torch.full((n,), 7, dtype=torch.uint8) for _ in keys]
+    finite = [bool(torch.isfinite(x).all()) for x in xs]
+    if many:
+        msgs = sender.encode_many(keys, xs, wires, finite)
+    else:
+        msgs = [sender.encode(k, x, out=w, finite=f) for k, x, w, f in zip(keys, xs, wires, finite)]
+    fallbacks = [None if m.fallback is None else m.fallback.clone() for m in msgs]
+    outs = [torch.empty_like(x) for x in xs]
+    if many:
+        receiver.decode_many(keys, [w.clone() for w in wires], tuple(xs[0].shape), xs[0].dtype, outs, fallbacks)
+    else:
+        for k, w, o, f in zip(keys, wires, outs, fallbacks):
+            receiver.decode(k, w.clone(), tuple(xs[0].shape), xs[0].dtype, fallback=f, out=o)
+    return wires, outs
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    codec=st.sampled_from(available("int8", "int4", "int2", "1bit")),
+    mode=st.sampled_from(["residual-", ""]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    shape=st.sampled_from([(5, 7), (3, 2, 9), (1, 1), (16, 33)]),
+    count=st.integers(2, 4),
+    ef=st.booleans(),
+    unseeded=st.booleans(),
+    poison=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_many_keys_at_once_equal_one_call_per_key(codec, mode, dtype, shape, count, ef, unseeded, poison, seed):
+    keys = [("ulysses", 0, "q", 0, peer) for peer in range(1, count + 1)]
+    streams = [drifting(4, shape=shape, seed=seed + i) for i in range(count)]
+    one, many = pair(mode + codec, error_feedback=ef), pair(mode + codec, error_feedback=ef)
+    for step in range(4):
+        xs = [s[step].to(dtype) for s in streams]
+        if poison and step == 2:
+            xs[-1] = xs[-1].clone().view(-1).index_fill_(0, torch.tensor([0]), float("nan")).view(shape)
+        for state in (*one, *many):
+            state.set_step(step)
+            if unseeded and step == 3:
+                state.reset(keys[0])  # one key re-seeds: that message goes raw, the others still code
+        if one[0].message_kind(keys[0], shape, dtype) is not MessageKind.CODED:
+            for states in (one, many):
+                for k, x in zip(keys, xs):
+                    transmit(*states, k, x)
+            continue
+        wires_one, outs_one = keyed_messages(*one, keys, xs, many=False)
+        wires_many, outs_many = keyed_messages(*many, keys, xs, many=True)
+        for a, b in zip(wires_one, wires_many):
+            assert torch.equal(a, b)
+        for a, b in zip(outs_one, outs_many):
+            assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a.view(torch.int32),
+                               b.view(torch.uint8) if b.dtype != torch.float32 else b.view(torch.int32))
+        assert one[0].cache_digests() == many[0].cache_digests()
+        assert one[1].cache_digests() == many[1].cache_digests()
+
+
+def test_row_independent_codecs_are_the_per_row_ones():
+    assert all(codecs.get(n).rows_independent for n in ("int8", "int4", "int2"))
+    assert not any(codecs.get(n).rows_independent for n in available("1bit", "lowrank-4"))

@@ -62,6 +62,10 @@ class Codec:
     """
 
     name = "codec"
+    #: True when each row's payload and reconstruction depend on that row alone (per-row scales):
+    #: coding a stack of same-shaped tensors in one call then gives each tensor's own bytes and
+    #: caches, so a channel may batch several messages into one codec call.
+    rows_independent = False
 
     # --- format -------------------------------------------------------------------------------
     def layout(self, shape: tuple, dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:

@@ -9,6 +9,8 @@ from .packing import pack, packed_width, unpack
 class AbsmaxCodec(Codec):
     """Symmetric absmax quantisation per row: q = rint(x / s), s = bf16(max|x| / qmax)."""
 
+    rows_independent = True
+
     def __init__(self, bits: int):
         self.bits = bits
         self.qmax = (1 << (bits - 1)) - 1
@@ -44,6 +46,7 @@ class Int2Codec(Codec):
 
     name = "int2"
     bits = 2
+    rows_independent = True
 
     def layout(self, shape, dtype):
         n, c = shape

@@ -130,12 +130,10 @@ class CompressedCommunicator:
         send = self._buffer(key, "a2a-send", (world, n), x.device)
         recv = self._buffer(key, "a2a-recv", (world, n), x.device)
         ok = finite_rows(x.view(world, -1))
-        fallback_to = []
-        for peer in range(world):
-            if peer != me:
-                msg = state.encode(link_key(key, ranks[me], ranks[peer]), chunks[peer], out=send[peer], finite=ok[peer])
-                if msg.fallback is not None:
-                    fallback_to.append(peer)
+        peers = [p for p in range(world) if p != me]
+        sent_msgs = state.encode_many([link_key(key, ranks[me], ranks[p]) for p in peers], [chunks[p] for p in peers],
+                                      [send[p] for p in peers], [ok[p] for p in peers])
+        fallback_to = [p for p, msg in zip(peers, sent_msgs) if msg.fallback is not None]
         send[me].zero_()  # never read; keeps the bytes on the wire deterministic
         state.record(path, kind, (world - 1) * chunk_nbytes, (world - 1) * n + len(fallback_to) * chunk_nbytes, world - 1)
         work = dist.all_to_all_single(recv, send, group=g, async_op=True)
@@ -148,11 +146,9 @@ class CompressedCommunicator:
                                       [(out_chunks[s], ranks[s], FALLBACK_TAG_OFFSET) for s in fallback_from])
             received.wait()
             sent.wait()
-            for s in range(world):
-                if s != me:
-                    raw = s in fallback_from
-                    state.decode(link_key(key, ranks[s], ranks[me]), recv[s], chunk_shape, x.dtype,
-                                 fallback=out_chunks[s] if raw else None, out=out_chunks[s], raw_follows=raw)
+            state.decode_many([link_key(key, ranks[s], ranks[me]) for s in peers], [recv[s] for s in peers],
+                              chunk_shape, x.dtype, [out_chunks[s] for s in peers],
+                              [out_chunks[s] if s in fallback_from else None for s in peers])
             return out
 
         pending = Pending([work], finish_coded, keep=(x, send, recv))
@@ -205,11 +201,10 @@ class CompressedCommunicator:
             flagged = [o for o in range(world) if flags[o] == FLAG_RAW_FOLLOWS]
             for o in flagged:  # every rank sees every flag: broadcasts in the same order everywhere
                 dist.broadcast(x if o == me else out[o], src=ranks[o], group=g)
-            for o in range(world):
-                if o != me:
-                    raw = o in flagged
-                    state.decode(link_key(key, ranks[o], "all"), recv[o], tuple(x.shape), x.dtype,
-                                 fallback=out[o] if raw else None, out=out[o], raw_follows=raw)
+            others = [o for o in range(world) if o != me]
+            state.decode_many([link_key(key, ranks[o], "all") for o in others], [recv[o] for o in others],
+                              tuple(x.shape), x.dtype, [out[o] for o in others],
+                              [out[o] if o in flagged else None for o in others])
             return out
 
         pending = Pending([work], finish_coded, keep=(x, send, recv))
