@@ -31,7 +31,7 @@ import numpy as np
 
 from compactfusion_xdit.benchmarks import methods as bench_methods
 from compactfusion_xdit.benchmarks import metrics
-from compactfusion_xdit.benchmarks.launch import BenchError, launch
+from compactfusion_xdit.benchmarks.launch import BenchError, launch, signals_interrupt
 
 DEFAULT_CODECS = "none,residual-int4,residual-int2,residual-1bit,plain-int4"
 ABLATION_CODECS = ("int4", "int2", "1bit")
@@ -223,10 +223,14 @@ def write(result: dict, out_dir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
     try:
-        result = run(opts, opts.out)
+        with signals_interrupt():
+            result = run(opts, opts.out)
     except (ValueError, BenchError) as err:
         print(f"bench_fidelity: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("bench_fidelity: interrupted; rank processes stopped", file=sys.stderr)
+        return 130
     write(result, opts.out)
     print(f"wrote {opts.out}/bench_fidelity.json and bench_fidelity.md")
     return 0

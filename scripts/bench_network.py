@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shlex
-import signal
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import numpy as np
 
 from compactfusion_xdit.benchmarks import methods as bench_methods
 from compactfusion_xdit.benchmarks import metrics, netns
-from compactfusion_xdit.benchmarks.launch import BenchError, launch
+from compactfusion_xdit.benchmarks.launch import BenchError, launch, signals_interrupt
 
 DEFAULT_CODECS = "none,residual-int4,residual-int2,residual-1bit,plain-int4"
 DEFAULT_RATES = "100mbit,1gbit,10gbit,unshaped"
@@ -202,10 +201,6 @@ def plot(result: dict, path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(opts, out_dir: str | None = None) -> dict:
     from compactfusion_xdit import cli
 
@@ -277,18 +272,15 @@ def main(argv: list[str] | None = None) -> int:
         found = netns.cleanup_leftovers(opts.tag)
         print(f"bench_network: removed {len(found['namespaces'])} namespaces, {len(found['links'])} links")
         return 0
-    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        result = run(opts, opts.out)
+        with signals_interrupt():
+            result = run(opts, opts.out)
     except (ValueError, BenchError) as err:
         print(f"bench_network: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench_network: interrupted; links removed", file=sys.stderr)
         return 130
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
     for path in write(result, opts.out):
         print(f"wrote {path}")
     return 0

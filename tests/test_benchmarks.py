@@ -102,6 +102,45 @@ def test_fidelity_quick_mode_scores_every_codec_against_the_single_process_outpu
     assert "| ulysses | residual-int4 |" in (tmp_path / "bench_fidelity.md").read_text()
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """pids whose command line contains `text` (Linux /proc)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_a_stopped_benchmark_leaves_no_rank_running(tmp_path):
+    # rank processes run in their own sessions: SIGTERM to the controller must still stop them
+    work = tmp_path / "tmp"
+    work.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TMPDIR=str(work))
+    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "bench_fidelity.py"), "--quick", "--out", str(tmp_path)],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _processes_mentioning(str(work)) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert _processes_mentioning(str(work)), "no rank process started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err, err
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(work)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(work)) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # bench_network (root, ip, tc and working namespaces only)
 # ------------------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ every rank process is killed and the work folder removed on the way out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,23 @@ from compactfusion_xdit.testing import kill_all
 
 class BenchError(RuntimeError):
     """A launch failed; the message carries the ranks' log tails."""
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """Inside the block SIGINT and SIGTERM raise KeyboardInterrupt, so every ``finally`` on the
+    way out runs (rank processes killed, namespaces removed) when a benchmark is stopped. SIGTERM
+    would otherwise end the controller at once and leave its ranks (own sessions) running."""
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _rank_env(rank: int, world: int, master: str, port: int, ifname: str | None) -> dict[str, str]:
