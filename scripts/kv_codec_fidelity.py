@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -27,12 +26,6 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["int8", "residual-int8", "int4", "residual-int4", "int2", "residual-int2", "1bit", "residual-1bit"]
 DIGIT_PROMPTS = [f"digit {d}" for d in range(10)]
-
-
-def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    mse = ((ref.double() - x.double()) ** 2).mean().item()
-    peak = (ref.max() - ref.min()).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 class CodedKV:
@@ -115,6 +108,7 @@ def sample(pipe, prompt: str, seed: int, args) -> torch.Tensor:
 
 
 def measure(args: argparse.Namespace) -> dict:
+    from compactfusion_xdit.benchmarks.metrics import range_psnr as psnr
     from compactfusion_xdit.config import CompressionConfig
     from compactfusion_xdit.residual import ResidualState
 

@@ -16,7 +16,6 @@ Rows are the entries of `MODES` (name -> worker flags); a mode adds its rows the
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -31,12 +30,6 @@ MODES: dict[str, tuple[str, list[str]]] = {
                                      "--warmup_steps", "1"]),
 }
 NAMES = ["none", "residual-int8", "residual-int4", "int4", "residual-int2", "residual-1bit"]
-
-
-def psnr(ref, x) -> float:
-    mse = ((ref.double() - x.double()) ** 2).mean().item()
-    peak = (ref.max() - ref.min()).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def single_main(rank: int, world_size: int, argv: list[str]):
@@ -87,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown mode(s) {unknown}; known: {', '.join(MODES)}")
 
     from compactfusion_xdit import modes as modes_pkg
+    from compactfusion_xdit.benchmarks.metrics import range_psnr as psnr
     from compactfusion_xdit.testing import run_ranks
 
     base = ["--model", opts.model, "--height", str(height), "--width", str(width), "--num_inference_steps",

@@ -12,17 +12,10 @@ absolute difference, and the Ulysses bytes summed over ranks (raw, sent, ratio).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
 NAMES = ["residual-int8", "int8", "residual-int4", "int4", "residual-int2", "int2", "residual-1bit", "1bit"]
-
-
-def psnr(ref, x) -> float:
-    mse = ((ref.double() - x.double()) ** 2).mean().item()
-    peak = (ref.max() - ref.min()).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def rank_main(rank: int, world_size: int, argv: list[str], names: list[str]) -> list:
@@ -55,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     height, width = (int(v) for v in opts.size.lower().split("x"))
     names = [n for n in opts.names.split(",") if n]
 
+    from compactfusion_xdit.benchmarks.metrics import range_psnr as psnr
     from compactfusion_xdit.testing import run_ranks
 
     worker_argv = ["--model", opts.model, "--height", str(height), "--width", str(width),

@@ -1,5 +1,4 @@
-"""digits-flux, the trained built-in (scripts/train_tiny_model.py): it loads, draws digits, and its
-sharp attention makes the codecs' fidelity differ (which the random tiny models cannot show).
+"""digits-flux, the trained built-in (scripts/train_tiny_model.py): it loads and draws digits.
 
 Samples: prompts "digit 0" .. "digit 9", 16x16, 20 steps, seed 0..9. A sample counts as a digit
 when a 1-nearest-neighbour classifier over scikit-learn's 1797 digits (the sample averaged down to
@@ -9,7 +8,6 @@ when a 1-nearest-neighbour classifier over scikit-learn's 1797 digits (the sampl
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import pytest
@@ -17,16 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from compactfusion_xdit.models import digits, tiny
-from compactfusion_xdit.testing import run_ranks
 
-HERE = os.path.abspath(__file__)
 STEPS = 20
-TIMEOUT = 240.0
-# Measured (docs/digits_flux.md): 7 of 10 classified right at text length 16 and at 128; Ulysses 2
-# residual-int4 67.8 dB, plain int4 37.8 dB. Assertions keep a margin below.
-MIN_CORRECT = 6                 # of 10 samples classified as their prompt's digit
-ULYSSES_RESIDUAL_INT4_MIN_DB = 60.0
-ULYSSES_PLAIN_GAP_DB = 20.0
+# Measured (docs/digits_flux.md): 9 of 10 classified right at text length 16 and at 128, 85 of
+# 100 over 10 more seeds per digit. The assertions keep a margin below. Codec fidelity on this
+# model is tested with each path (test_ulysses_compression, test_ring_compression,
+# test_pipefusion_compression).
+MIN_CORRECT = 8                 # of 10 samples classified as their prompt's digit
+MIN_CORRECT_OF_100 = 75
 
 
 def nearest_digit(images: torch.Tensor) -> list[int]:
@@ -100,45 +96,12 @@ def test_a_long_text_length_draws_the_same_digits(pipe, samples):
     assert sum(label == d for d, label in enumerate(labels)) >= MIN_CORRECT, labels
 
 
-# --------------------------------------------------------------------------------------------
-# Ulysses 2 through xfuser: residual-int4 vs plain int4
-# --------------------------------------------------------------------------------------------
-
-
-def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    mse = ((ref.double() - x.double()) ** 2).mean().item()
-    peak = (ref.max() - ref.min()).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
-
-
-def ulysses_requests(rank: int, world_size: int, argv: list[str], names: list[str]):
-    """Load once; one request per compression name; the output rank returns the latents."""
-    from compactfusion_xdit import patches, worker
-    from compactfusion_xdit.config import CompressionConfig
-
-    args = worker.parse_args(argv)
-    loaded = worker.load_pipeline(args)
-    latents = {}
-    for name in names:
-        patches.install(CompressionConfig.parse(name, warmup=1))
-        out = worker.call_pipeline(loaded, args)
-        latents[name] = out.images.float() if rank == world_size - 1 else None
-    return latents
-
-
-@pytest.fixture(scope="module")
-def ulysses_latents():
-    argv = ["--model", digits.NAME, "--height", "16", "--width", "16", "--num_inference_steps", str(STEPS),
-            "--prompt", digits.prompt(3), "--max_sequence_length", "16", "--seed", "3", "--output_type", "latent",
-            "--ulysses_degree", "2"]
-    per_rank = run_ranks(f"{HERE}:ulysses_requests", 2, {"argv": argv, "names": ["none", "residual-int4", "int4"]},
-                         timeout=TIMEOUT, init_process_group=False)
-    return per_rank[1]
-
-
-def test_residual_int4_is_clearly_closer_than_plain_int4_on_ulysses(ulysses_latents):
-    ref = ulysses_latents["none"]
-    residual_db = psnr(ref, ulysses_latents["residual-int4"])
-    plain_db = psnr(ref, ulysses_latents["int4"])
-    assert residual_db >= ULYSSES_RESIDUAL_INT4_MIN_DB, (residual_db, plain_db)
-    assert residual_db - plain_db >= ULYSSES_PLAIN_GAP_DB, (residual_db, plain_db)
+def test_most_of_a_hundred_samples_are_their_prompts_digit(pipe):
+    correct = 0
+    for row in range(10):  # seeds 100 * row + digit, apart from the seeds 0-9 above
+        out = pipe([digits.prompt(d) for d in range(10)], height=digits.SIZE, width=digits.SIZE, num_inference_steps=STEPS,
+                   max_sequence_length=16, output_type="pt",
+                   generator=[torch.Generator().manual_seed(100 * row + d) for d in range(10)])
+        labels = nearest_digit(out.images.float().mean(dim=1) * 2 - 1)
+        correct += sum(label == d for d, label in enumerate(labels))
+    assert correct >= MIN_CORRECT_OF_100, correct

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from compactfusion_xdit.benchmarks.metrics import range_psnr as psnr
 from compactfusion_xdit.testing import run_ranks
 
 HERE = os.path.abspath(__file__)
@@ -118,12 +119,6 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def scale(reference: torch.Tensor) -> float:
     # PixArt's DPM-Solver latents grow to |x| ~ 1e2..1e3 with random weights: bound relative to them.
     return max(1.0, reference.abs().max().item())
-
-
-def psnr(reference: torch.Tensor, x: torch.Tensor) -> float:
-    mse = ((reference.double() - x.double()) ** 2).mean().item()
-    peak = (reference.max() - reference.min()).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from compactfusion_xdit.modes.step_parallel import StepParallel, check_settings, locate
+from compactfusion_xdit.benchmarks.metrics import range_psnr as psnr
 from compactfusion_xdit.testing import run_ranks
 
 HERE = os.path.abspath(__file__)
@@ -36,12 +37,6 @@ MIN_PSNR = {"tiny-flux": {4: 77.0, 2: 73.0, 1: 71.0}, "tiny-sd3": {4: 82.0, 2: 8
 # Measured residual-int4 (tiny-flux, warm-up 4 / 2 / 1): 76.4 / 71.7 / 70.6 dB, i.e. 3.6-4.5 dB below
 # the uncompressed twin.
 INT4_MARGIN_DB = 6.0
-
-
-def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    mse = ((ref.double() - x.double()) ** 2).mean().item()
-    peak = (ref.max() - ref.min()).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 # --------------------------------------------------------------------------------------------

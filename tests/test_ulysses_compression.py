@@ -3,7 +3,8 @@
 The built-in tiny Flux (2 double + 2 single blocks, 4 heads of 16), Ulysses 2, fp32, seed 42, 3 steps, compression
 warm-up 1 (step 0 raw, steps 1-2 coded). Every launch goes through ``compactfusion_xdit.worker``.
 Fidelity is the PSNR of the final latents against the uncompressed Ulysses run, with peak = max - min
-of the reference latents.
+of the reference latents: a correctness bound on tiny-flux, and the residual-vs-plain comparison on
+the trained digits-flux (20 steps), whose sharp attention lets the codecs differ.
 """
 
 from __future__ import annotations
@@ -16,14 +17,20 @@ import numpy as np
 import pytest
 import torch
 
+from compactfusion_xdit.benchmarks.metrics import range_psnr as psnr
+from compactfusion_xdit.models import digits
 from compactfusion_xdit.testing import run_ranks
 
 HERE = os.path.abspath(__file__)
 STEPS = 3
 TIMEOUT = 150.0
-# Measured (tiny-flux, Ulysses 2, 64x64, 3 steps, warm-up 1): residual-int4 94.3 dB, plain int4 81.8 dB.
+# Correctness bound (tiny-flux, Ulysses 2, 64x64, 3 steps, warm-up 1): measured residual-int4 94.3 dB.
 RESIDUAL_INT4_MIN_PSNR = 90.0
-PLAIN_GAP_DB = 8.0
+# Fidelity on digits-flux ("digit 3", seed 3, 16x16, 20 steps, warm-up 1); measured on the shipped
+# weights: residual-int4 65.1 dB, plain int4 40.8 dB (docs/digits_flux.md); asserted with margin.
+DIGITS_STEPS = 20
+DIGITS_RESIDUAL_INT4_MIN_DB = 60.0
+DIGITS_PLAIN_GAP_DB = 18.0
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +56,6 @@ def argv_for(model: str, compression: str, *flags: str, prompt: str = "a cat", s
     return ["--model", model, "--height", str(size[0]), "--width", str(size[1]), "--num_inference_steps", str(STEPS),
             "--prompt", prompt, "--max_sequence_length", "16", "--seed", "42", "--output_type", "latent",
             "--ulysses_degree", "2", "--compression", compression, *flags]
-
-
-def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    mse = ((ref.double() - x.double()) ** 2).mean().item()
-    peak = (ref.max() - ref.min()).item()
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def int4_wire_nbytes(rows: int, cols: int) -> int:
@@ -161,6 +162,32 @@ def in_one_process(flux):
     return [dict(zip(names, outputs)) for outputs in per_rank]
 
 
+def compressions_in_turn(rank: int, world_size: int, argv: list[str], names: list[str]):
+    """Load once; one request per compression name (warm-up 1); the output rank returns the latents."""
+    from compactfusion_xdit import patches, worker
+    from compactfusion_xdit.config import CompressionConfig
+
+    args = worker.parse_args(argv)
+    loaded = worker.load_pipeline(args)
+    latents = {}
+    for name in names:
+        patches.install(CompressionConfig.parse(name, warmup=1))
+        out = worker.call_pipeline(loaded, args)
+        latents[name] = out.images.float() if rank == world_size - 1 else None
+    return latents
+
+
+@pytest.fixture(scope="module")
+def digits_latents():
+    """digits-flux over Ulysses 2: uncompressed, residual-int4 and plain int4, one launch."""
+    argv = ["--model", digits.NAME, "--height", str(digits.SIZE), "--width", str(digits.SIZE),
+            "--num_inference_steps", str(DIGITS_STEPS), "--prompt", digits.prompt(3), "--max_sequence_length", "16",
+            "--seed", "3", "--output_type", "latent", "--ulysses_degree", "2"]
+    per_rank = run_ranks(f"{HERE}:compressions_in_turn", 2, {"argv": argv, "names": ["none", "residual-int4", "int4"]},
+                         timeout=TIMEOUT, init_process_group=False)
+    return per_rank[1]
+
+
 @pytest.fixture(scope="module")
 def dog_main(flux, tmp_path_factory):
     """residual-int4 "a dog" 48x80 through ``worker.main`` with --compression-check: (latents.npy, stats.json)."""
@@ -194,10 +221,12 @@ def test_residual_int4_is_close_to_uncompressed(reference, in_one_process):
     assert psnr(reference, latents) >= RESIDUAL_INT4_MIN_PSNR
 
 
-def test_plain_int4_is_measurably_worse_than_residual_int4(reference, in_one_process):
-    residual_db = psnr(reference, in_one_process[1]["cat"]["latents"])
-    plain_db = psnr(reference, in_one_process[1]["plain"]["latents"])
-    assert residual_db - plain_db >= PLAIN_GAP_DB, (residual_db, plain_db)
+def test_residual_int4_is_clearly_closer_than_plain_int4_on_the_trained_model(digits_latents):
+    ref = digits_latents["none"]
+    residual_db = psnr(ref, digits_latents["residual-int4"])
+    plain_db = psnr(ref, digits_latents["int4"])
+    assert residual_db >= DIGITS_RESIDUAL_INT4_MIN_DB, (residual_db, plain_db)
+    assert residual_db - plain_db >= DIGITS_PLAIN_GAP_DB, (residual_db, plain_db)
 
 
 def test_sent_bytes_equal_the_codec_payload_arithmetic(in_one_process):

@@ -1,6 +1,7 @@
 """Image fidelity metrics: PSNR and SSIM (Wang et al. 2004, Gaussian window), numpy only.
 
     psnr(ref, img)            # dB; inf when identical; uint8 images use peak 255, floats peak 1
+    range_psnr(ref, x)        # dB over the reference's value range (latents, activations)
     ssim(ref, img)            # mean SSIM over channels, in [-1, 1]
 
 SSIM uses the usual constants (K1 0.01, K2 0.03, an 11-tap Gaussian of sigma 1.5, valid region only,
@@ -31,6 +32,18 @@ def psnr(reference, image) -> float:
         raise ValueError(f"image shapes differ: {ref.shape} vs {img.shape}")
     mse = float(np.mean((ref - img) ** 2))
     return math.inf if mse == 0.0 else 10.0 * math.log10(peak * peak / mse)
+
+
+def range_psnr(reference, x) -> float:
+    """PSNR of `x` against `reference` with peak = the reference's value range (max - min), in dB;
+    inf when equal. For latents and activations, which have no fixed peak. Takes tensors or arrays."""
+    ref = np.asarray(reference, dtype=np.float64)
+    arr = np.asarray(x, dtype=np.float64)
+    if ref.shape != arr.shape:
+        raise ValueError(f"shapes differ: {ref.shape} vs {arr.shape}")
+    mse = float(np.mean((ref - arr) ** 2))
+    span = float(ref.max() - ref.min())
+    return math.inf if mse == 0.0 else 10.0 * math.log10(span * span / mse)
 
 
 def _gaussian_kernel(size: int = 11, sigma: float = 1.5) -> np.ndarray:
