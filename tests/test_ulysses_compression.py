@@ -96,15 +96,16 @@ def requests_in_one_process(rank: int, world_size: int, argv: list[str], request
     args = worker.parse_args(argv)
     loaded = worker.load_pipeline(args)
     messages: list = []
-    all_to_all = communicator.CompressedCommunicator.all_to_all
+    all_to_all_many = communicator.CompressedCommunicator.all_to_all_many  # all_to_all goes through it
 
-    def recording_all_to_all(self, key, x, group=None, async_op=False):
+    def recording_all_to_all_many(self, keys, xs, group=None, async_op=False):
         world = dist.get_world_size(self._group(group))
-        chunk = (x.shape[0] // world, *x.shape[1:])
-        messages.append((key, chunk, x.dtype, self.state.message_kind(key, chunk, x.dtype).value, world))
-        return all_to_all(self, key, x, group, async_op)
+        for key, x in zip(keys, xs):
+            chunk = (x.shape[0] // world, *x.shape[1:])
+            messages.append((key, chunk, x.dtype, self.state.message_kind(key, chunk, x.dtype).value, world))
+        return all_to_all_many(self, keys, xs, group, async_op)
 
-    communicator.CompressedCommunicator.all_to_all = recording_all_to_all
+    communicator.CompressedCommunicator.all_to_all_many = recording_all_to_all_many
     outputs = []
     for request in requests:
         request = dict(request)

@@ -383,15 +383,16 @@ def recorded_schedule_run(rank: int, world_size: int, argv: list[str]):
     loaded = worker.load_pipeline(args)
     session = patches.session()
     messages = []
-    all_to_all = communicator.CompressedCommunicator.all_to_all
+    all_to_all_many = communicator.CompressedCommunicator.all_to_all_many  # all_to_all goes through it
 
-    def recording(self, key, x, group=None, async_op=False):
+    def recording(self, keys, xs, group=None, async_op=False):
         world = dist.get_world_size(self._group(group))
-        chunk = (x.shape[0] // world, *x.shape[1:])
-        messages.append((key, chunk, self.state.step, self.state.message_kind(key, chunk, x.dtype).value, world))
-        return all_to_all(self, key, x, group, async_op)
+        for key, x in zip(keys, xs):
+            chunk = (x.shape[0] // world, *x.shape[1:])
+            messages.append((key, chunk, self.state.step, self.state.message_kind(key, chunk, x.dtype).value, world))
+        return all_to_all_many(self, keys, xs, group, async_op)
 
-    communicator.CompressedCommunicator.all_to_all = recording
+    communicator.CompressedCommunicator.all_to_all_many = recording
     session.state.reset_stats()
     worker.call_pipeline(loaded, args)
     return {"messages": messages, "stats": session.stats(), "mismatches": session.check_caches(None)}

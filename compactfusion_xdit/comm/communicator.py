@@ -96,62 +96,105 @@ class CompressedCommunicator:
 
             y = comm.all_to_all(("ulysses", 3, "qkv"), x)
         """
+        pending = self.all_to_all_many([key], [x], group, async_op=True)
+        result = Pending([pending], lambda: pending.wait()[0])
+        return result if async_op else result.wait()
+
+    def all_to_all_many(self, keys: Sequence[Hashable], xs: Sequence[torch.Tensor],
+                        group: dist.ProcessGroup | None = None, async_op: bool = False) -> list[torch.Tensor] | Pending:
+        """`all_to_all` of several tensors (each its own channel) in one collective: the messages
+        of all keys for one destination travel as one block. Tensors must share the dtype and
+        device; each is split along dim 0 like `all_to_all`. Returns the list of results.
+
+            q, k, v = comm.all_to_all_many([("ulysses", 3, r) for r in "qkv"], [q, k, v])
+        """
         g = self._group(group)
         ranks, me = self._ranks(g)
         world = len(ranks)
-        if x.dim() == 0 or x.shape[0] % world:
-            raise ValueError(f"all_to_all needs dim 0 divisible by the group size {world}, got shape {tuple(x.shape)}")
-        x = x.contiguous()
-        chunk_shape = (x.shape[0] // world, *x.shape[1:])
-        chunk_nbytes = x.numel() // world * x.element_size()
-        path = path_of(key)
-        state = self.state
-        kind = state.message_kind(key, chunk_shape, x.dtype)
-        out = torch.empty_like(x)
-        chunks = x.view(world, *chunk_shape)
-        out_chunks = out.view(world, *chunk_shape)
-        if kind is not MessageKind.CODED:
-            work = dist.all_to_all_single(out, x, group=g, async_op=True)
-            state.record(path, kind, (world - 1) * chunk_nbytes, (world - 1) * chunk_nbytes, world - 1)
+        if not keys or len(keys) != len(xs):
+            raise ValueError(f"all_to_all_many needs one key per tensor, got {len(keys)} keys for {len(xs)} tensors")
+        for x in xs:
+            if x.dim() == 0 or x.shape[0] % world:
+                raise ValueError(f"all_to_all needs dim 0 divisible by the group size {world}, got shape {tuple(x.shape)}")
+            if x.dtype != xs[0].dtype or x.device != xs[0].device:
+                raise ValueError("all_to_all_many needs tensors of one dtype and device")
+        xs = [x.contiguous() for x in xs]
+        dtype, state = xs[0].dtype, self.state
+        chunk_shapes = [(x.shape[0] // world, *x.shape[1:]) for x in xs]
+        kinds = [state.message_kind(k, c, dtype) for k, c in zip(keys, chunk_shapes)]
+        outs = [torch.empty_like(x) for x in xs]
+        if any(k is MessageKind.CODED for k in kinds):
+            if len(set(kinds)) > 1:  # a mix (only with odd shapes): one collective per key
+                parts = [self.all_to_all_many([k], [x], g, async_op=True) for k, x in zip(keys, xs)]
+                result = Pending(parts, lambda: [p.wait()[0] for p in parts])
+                return result if async_op else result.wait()
+            return self._coded_all_to_all(keys, xs, outs, chunk_shapes, g, ranks, me, async_op)
 
-            def finish_raw() -> torch.Tensor:
+        # RAW / SEED: the tensors themselves, one block per destination
+        sizes = [x.numel() // world for x in xs]
+        send = xs[0].view(world, -1) if len(xs) == 1 else torch.cat([x.view(world, -1) for x in xs], dim=1)
+        recv = outs[0].view(world, -1) if len(xs) == 1 else torch.empty_like(send)
+        work = dist.all_to_all_single(recv, send, group=g, async_op=True)
+        for key, kind, n in zip(keys, kinds, sizes):
+            nbytes = (world - 1) * n * xs[0].element_size()
+            state.record(path_of(key), kind, nbytes, nbytes, world - 1)
+
+        def finish_raw() -> list[torch.Tensor]:
+            offset = 0
+            for key, kind, x, out, shape, n in zip(keys, kinds, xs, outs, chunk_shapes, sizes):
+                if len(xs) > 1:
+                    out.view(world, n).copy_(recv[:, offset:offset + n])
+                offset += n
                 if kind is MessageKind.SEED:
+                    chunks, out_chunks = x.view(world, *shape), out.view(world, *shape)
                     sent_ok, got_ok = finite_rows(x.view(world, -1)), finite_rows(out.view(world, -1))
                     for peer in range(world):
                         if peer != me:
                             state.seed_sender(link_key(key, ranks[me], ranks[peer]), chunks[peer], sent_ok[peer])
                             state.seed_receiver(link_key(key, ranks[peer], ranks[me]), out_chunks[peer], got_ok[peer])
-                return out
+            return outs
 
-            pending = Pending([work], finish_raw, keep=x)
-            return pending if async_op else pending.wait()
+        pending = Pending([work], finish_raw, keep=(xs, send, recv))
+        return pending if async_op else pending.wait()
 
-        n = state.wire_nbytes(chunk_shape, x.dtype, key)
-        send = self._buffer(key, "a2a-send", (world, n), x.device)
-        recv = self._buffer(key, "a2a-recv", (world, n), x.device)
-        ok = finite_rows(x.view(world, -1))
+    def _coded_all_to_all(self, keys, xs, outs, chunk_shapes, g, ranks, me, async_op):
+        world, state, dtype = len(ranks), self.state, xs[0].dtype
         peers = [p for p in range(world) if p != me]
-        sent_msgs = state.encode_many([link_key(key, ranks[me], ranks[p]) for p in peers], [chunks[p] for p in peers],
-                                      [send[p] for p in peers], [ok[p] for p in peers])
-        fallback_to = [p for p, msg in zip(peers, sent_msgs) if msg.fallback is not None]
+        wire_sizes = [state.wire_nbytes(shape, dtype, key) for key, shape in zip(keys, chunk_shapes)]
+        starts = [sum(wire_sizes[:i]) for i in range(len(keys))]
+        send = self._buffer(tuple(keys), "a2a-send", (world, sum(wire_sizes)), xs[0].device)
+        recv = self._buffer(tuple(keys), "a2a-recv", (world, sum(wire_sizes)), xs[0].device)
+        fallback_to = []  # (key index, peer): the raw chunk follows point-to-point
+        for i, (key, x, shape, n, start) in enumerate(zip(keys, xs, chunk_shapes, wire_sizes, starts)):
+            chunks = x.view(world, *shape)
+            ok = finite_rows(x.view(world, -1))
+            sent = state.encode_many([link_key(key, ranks[me], ranks[p]) for p in peers], [chunks[p] for p in peers],
+                                     [send[p, start:start + n] for p in peers], [ok[p] for p in peers])
+            fallback_to += [(i, p) for p, msg in zip(peers, sent) if msg.fallback is not None]
+            chunk_nbytes = x.numel() // world * x.element_size()
+            state.record(path_of(key), MessageKind.CODED, (world - 1) * chunk_nbytes,
+                         (world - 1) * n + sum(j == i for j, _ in fallback_to) * chunk_nbytes, world - 1)
         send[me].zero_()  # never read; keeps the bytes on the wire deterministic
-        state.record(path, kind, (world - 1) * chunk_nbytes, (world - 1) * n + len(fallback_to) * chunk_nbytes, world - 1)
         work = dist.all_to_all_single(recv, send, group=g, async_op=True)
 
-        def finish_coded() -> torch.Tensor:
-            out_chunks[me].copy_(chunks[me])
-            flags = recv[:, -1].tolist()
-            fallback_from = [s for s in range(world) if s != me and flags[s] == FLAG_RAW_FOLLOWS]
-            sent, received = p2p.post(g, [(chunks[d], ranks[d], FALLBACK_TAG_OFFSET) for d in fallback_to],
-                                      [(out_chunks[s], ranks[s], FALLBACK_TAG_OFFSET) for s in fallback_from])
+        def finish_coded() -> list[torch.Tensor]:
+            flags = recv[:, [start + n - 1 for start, n in zip(starts, wire_sizes)]].tolist()  # [source][key]
+            fallback_from = [(i, s) for i in range(len(keys)) for s in peers if flags[s][i] == FLAG_RAW_FOLLOWS]
+            views = [(x.view(world, *shape), out.view(world, *shape)) for x, out, shape in zip(xs, outs, chunk_shapes)]
+            sent, received = p2p.post(g, [(views[i][0][d], ranks[d], FALLBACK_TAG_OFFSET + i) for i, d in fallback_to],
+                                      [(views[i][1][s], ranks[s], FALLBACK_TAG_OFFSET + i) for i, s in fallback_from])
             received.wait()
             sent.wait()
-            state.decode_many([link_key(key, ranks[s], ranks[me]) for s in peers], [recv[s] for s in peers],
-                              chunk_shape, x.dtype, [out_chunks[s] for s in peers],
-                              [out_chunks[s] if s in fallback_from else None for s in peers])
-            return out
+            for i, (key, shape, n, start) in enumerate(zip(keys, chunk_shapes, wire_sizes, starts)):
+                chunks, out_chunks = views[i]
+                out_chunks[me].copy_(chunks[me])
+                raw_from = {s for j, s in fallback_from if j == i}
+                state.decode_many([link_key(key, ranks[s], ranks[me]) for s in peers],
+                                  [recv[s, start:start + n] for s in peers], shape, dtype,
+                                  [out_chunks[s] for s in peers], [out_chunks[s] if s in raw_from else None for s in peers])
+            return outs
 
-        pending = Pending([work], finish_coded, keep=(x, send, recv))
+        pending = Pending([work], finish_coded, keep=(xs, send, recv))
         return pending if async_op else pending.wait()
 
     # ----- all-gather -----------------------------------------------------------------------------

@@ -101,15 +101,15 @@ class UlyssesExchange:
         if sum(n for _, n, _ in roles) != per_dest:
             raise RuntimeError(f"Ulysses exchange of {tuple(x.shape)} does not split into the roles {roles}")
         chunks = x.contiguous().view(world, per_dest)
-        out = torch.empty_like(chunks)
-        pending, offset = [], 0
-        for key, n, width in roles:
-            part = chunks[:, offset:offset + n].reshape(world, n // width, width)
-            pending.append((offset, n, comm.all_to_all(key, part, group=group, async_op=True)))
+        if len(roles) == 1:
+            (key, n, width), = roles
+            return comm.all_to_all(key, chunks.view(world, n // width, width), group=group).view(x.shape)
+        parts, offset = [], 0
+        for _, n, width in roles:
+            parts.append(chunks[:, offset:offset + n].reshape(world, n // width, width))
             offset += n
-        for offset, n, handle in pending:
-            out[:, offset:offset + n].copy_(handle.wait().view(world, n))
-        return out.view(x.shape)
+        received = comm.all_to_all_many([key for key, _, _ in roles], parts, group=group)  # one collective
+        return torch.cat([r.view(world, -1) for r in received], dim=1).view(x.shape)
 
     def _exchange(self, name: str, roles: Sequence[tuple[tuple, int, int]], *args):
         self._roles = list(roles)
