@@ -28,7 +28,14 @@ LAYOUTS = {
     "patch-sync": ["--patch_parallel_degree", "2", "--patch_parallel_mode", "sync"],
     "patch-displaced": ["--patch_parallel_degree", "2", "--patch_parallel_mode", "displaced", "--warmup_steps", "1"],
     "step": ["--step_parallel_degree", "2", "--step_parallel_warmup", "1"],
+    # 4 ranks: three peers per all-to-all / all-gather, so int8/int4/int2 code them as one stack
+    "ulysses-4": ["--ulysses_degree", "4"],
+    "patch-sync-4": ["--patch_parallel_degree", "4", "--patch_parallel_mode", "sync"],
 }
+
+
+def world_of(layout: str) -> int:
+    return 4 if layout.endswith("-4") else 2
 
 
 def base_argv(layout: str, steps: int = STEPS) -> list[str]:
@@ -162,12 +169,12 @@ def test_pipefusion_caches_checked_at_every_message_over_20_steps():
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_codec_keeps_caches_bitwise_equal_over_20_steps(layout):
-    results = run_ranks(f"{HERE}:check_codecs", 2, {"argv": base_argv(layout), "names": CODECS}, timeout=600,
-                        init_process_group=False)
+    results = run_ranks(f"{HERE}:check_codecs", world_of(layout), {"argv": base_argv(layout), "names": CODECS},
+                        timeout=600, init_process_group=False)
     residual = [n for n in CODECS if n.startswith("residual-")]
     assert_consistent(results, residual)
     for rank, per_codec in enumerate(results):
         plain = per_codec["int4"]  # plain mode keeps no cache: nothing can diverge
         assert plain["consistent"] is True and plain["coded"] > 0
-        if layout in ("ulysses", "ring", "patch-sync"):
+        if layout in ("ulysses", "ring", "patch-sync", "ulysses-4", "patch-sync-4"):
             assert per_codec["residual-int4"]["steps"] == list(range(STEPS)), (rank, per_codec["residual-int4"]["steps"])

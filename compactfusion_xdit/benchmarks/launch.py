@@ -116,10 +116,13 @@ def launch(runs: list[list[str]], world: int, rates: list[str], requests: int, t
 
 
 def _failure(procs, logs, what: str) -> str:
+    """`what` and each rank's log tail, the ranks that failed first; progress bars left out."""
     tails = []
-    for r, log in enumerate(logs):
+    failed_first = sorted(range(len(logs)), key=lambda r: procs[r].poll() in (None, 0))
+    for r in failed_first:
+        log = logs[r]
         log.flush()
         log.seek(0)
-        lines = [ln for ln in log.read().splitlines() if ln.strip()]
+        lines = [ln for ln in log.read().replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
         tails.append(f"rank {r} (exit {procs[r].poll()}): " + " | ".join(lines[-14:])[-2000:])
     return what + "; " + "; ".join(tails)

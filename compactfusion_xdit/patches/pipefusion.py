@@ -107,6 +107,8 @@ class PipeFusionChannels:
         """A raw send through xfuser's own path: counted like the communicator counts RAW."""
         from compactfusion_xdit.residual import MessageKind
 
+        if not isinstance(tensor, torch.Tensor):
+            return  # not a tensor (xfuser 0.7.0's Flux sync loop can pass None): xfuser's own send decides
         nbytes = tensor.numel() * tensor.element_size()
         self.session.state.record(PATH, MessageKind.RAW, nbytes, nbytes)
         self.log("send", key, tensor.shape, tensor.dtype, "raw")
