@@ -102,6 +102,22 @@ def test_fidelity_quick_mode_scores_every_codec_against_the_single_process_outpu
     assert "| ulysses | residual-int4 |" in (tmp_path / "bench_fidelity.md").read_text()
 
 
+def _stop_when(proc: subprocess.Popen, ready, sig: int, wait_s: float) -> str:
+    """Wait up to `wait_s` for `ready()`, assert it, send `sig` to `proc`; its stderr once it exits
+    (killed if it does not within a minute)."""
+    try:
+        deadline = time.monotonic() + wait_s
+        while not ready() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert ready(), "the run did not reach the point to stop it at"
+        proc.send_signal(sig)
+        return proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _processes_mentioning(text: str) -> list[int]:
     """pids whose command line contains `text` (Linux /proc)."""
     found = []
@@ -123,17 +139,7 @@ def test_a_stopped_benchmark_leaves_no_rank_running(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TMPDIR=str(work))
     proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "bench_fidelity.py"), "--quick", "--out", str(tmp_path)],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not _processes_mentioning(str(work)) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        assert _processes_mentioning(str(work)), "no rank process started"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = _stop_when(proc, lambda: bool(_processes_mentioning(str(work))), signal.SIGTERM, 120)
     assert proc.returncode == 130 and "interrupted" in err, err
     deadline = time.monotonic() + 10
     while _processes_mentioning(str(work)) and time.monotonic() < deadline:
@@ -201,17 +207,7 @@ def test_network_bench_leaves_nothing_after_ctrl_c(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "bench_network.py"), "--quick", "--tag", "ab0c4",
                              "--out", str(tmp_path)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(netns.leftovers("ab0c4")["namespaces"]) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(netns.leftovers("ab0c4")["namespaces"]) == 3  # hub + 2 ranks
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = _stop_when(proc, lambda: len(netns.leftovers("ab0c4")["namespaces"]) == 3, signal.SIGINT, 60)  # hub + 2 ranks
     assert proc.returncode == 130 and "interrupted" in err
     assert netns.leftovers("ab0c4") == {"namespaces": [], "links": []}
 

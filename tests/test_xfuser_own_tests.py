@@ -80,7 +80,8 @@ def run_selection(mode: str, tmp_path) -> tuple[int, dict[str, int], str]:
     return proc.returncode, counts, out
 
 
-@pytest.mark.parametrize("mode", ["none", "raw-paths"])
+# "none" installs a subset of what "raw-paths" installs: it runs with -m slow, to keep CI short.
+@pytest.mark.parametrize("mode", [pytest.param("none", marks=pytest.mark.slow), "raw-paths"])
 def test_xfuser_own_tests_pass_with_patches(mode, tmp_path):
     rc, counts, out = run_selection(mode, tmp_path)
     assert rc == 0, f"xfuser's own tests failed under mode {mode}:\n{out[-6000:]}"
