@@ -460,7 +460,7 @@ class ResidualState:
 
         parts, offset, count = [], 0, len(wires)
         for s, d in codec.layout(shape2, dtype):
-            size = math.prod(s) * torch.empty((), dtype=d).element_size()
+            size = math.prod(s) * d.itemsize
             block = torch.stack([w[offset:offset + size] for w in wires])
             parts.append(block.view(d).reshape((count * s[0], *s[1:])))
             offset += size

@@ -31,7 +31,7 @@ import numpy as np
 
 from compactfusion_xdit.benchmarks import methods as bench_methods
 from compactfusion_xdit.benchmarks import metrics
-from compactfusion_xdit.benchmarks.launch import BenchError, launch, signals_interrupt
+from compactfusion_xdit.benchmarks.launch import BenchError, launch, run_stoppable
 
 DEFAULT_CODECS = "none,residual-int4,residual-int2,residual-1bit,plain-int4"
 ABLATION_CODECS = ("int4", "int2", "1bit")
@@ -222,15 +222,9 @@ def write(result: dict, out_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(argv)
-    try:
-        with signals_interrupt():
-            result = run(opts, opts.out)
-    except (ValueError, BenchError) as err:
-        print(f"bench_fidelity: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench_fidelity: interrupted; rank processes stopped", file=sys.stderr)
-        return 130
+    rc, result = run_stoppable("bench_fidelity", lambda: run(opts, opts.out), "rank processes stopped")
+    if rc:
+        return rc
     write(result, opts.out)
     print(f"wrote {opts.out}/bench_fidelity.json and bench_fidelity.md")
     return 0

@@ -34,7 +34,7 @@ import numpy as np
 
 from compactfusion_xdit.benchmarks import methods as bench_methods
 from compactfusion_xdit.benchmarks import metrics, netns
-from compactfusion_xdit.benchmarks.launch import BenchError, launch, signals_interrupt
+from compactfusion_xdit.benchmarks.launch import BenchError, launch, run_stoppable
 
 DEFAULT_CODECS = "none,residual-int4,residual-int2,residual-1bit,plain-int4"
 DEFAULT_RATES = "100mbit,1gbit,10gbit,unshaped"
@@ -272,15 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         found = netns.cleanup_leftovers(opts.tag)
         print(f"bench_network: removed {len(found['namespaces'])} namespaces, {len(found['links'])} links")
         return 0
-    try:
-        with signals_interrupt():
-            result = run(opts, opts.out)
-    except (ValueError, BenchError) as err:
-        print(f"bench_network: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench_network: interrupted; links removed", file=sys.stderr)
-        return 130
+    rc, result = run_stoppable("bench_network", lambda: run(opts, opts.out), "links removed")
+    if rc:
+        return rc
     for path in write(result, opts.out):
         print(f"wrote {path}")
     return 0

@@ -46,6 +46,20 @@ def signals_interrupt():
             signal.signal(s, handler)
 
 
+def run_stoppable(script: str, body, stopped: str) -> tuple[int, object]:
+    """``(0, body())`` with `signals_interrupt` on; a `ValueError` / `BenchError` gives ``(2, None)``
+    and an interrupt ``(130, None)``, each after one line on stderr (`stopped` says what was undone)."""
+    try:
+        with signals_interrupt():
+            return 0, body()
+    except (ValueError, BenchError) as err:
+        print(f"{script}: error: {err}", file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt:
+        print(f"{script}: interrupted; {stopped}", file=sys.stderr)
+        return 130, None
+
+
 def _rank_env(rank: int, world: int, master: str, port: int, ifname: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),

@@ -53,6 +53,12 @@ def finite_rows(x2: torch.Tensor) -> list[bool]:
     return torch.isfinite(x2.sum(dim=1, dtype=torch.float32)).tolist()
 
 
+def finite_rows_each(tensors: Sequence[torch.Tensor], rows: int) -> list[list[bool]]:
+    """`finite_rows` of each tensor viewed as `rows` rows, with one host sync for all of them."""
+    sums = torch.stack([t.reshape(rows, -1).sum(dim=1, dtype=torch.float32) for t in tensors])
+    return torch.isfinite(sums).tolist()
+
+
 class CompressedCommunicator:
     """Compressed all-to-all, all-gather, ring exchange and point-to-point over a process group.
 
@@ -165,9 +171,9 @@ class CompressedCommunicator:
         send = self._buffer(tuple(keys), "a2a-send", (world, sum(wire_sizes)), xs[0].device)
         recv = self._buffer(tuple(keys), "a2a-recv", (world, sum(wire_sizes)), xs[0].device)
         fallback_to = []  # (key index, peer): the raw chunk follows point-to-point
-        for i, (key, x, shape, n, start) in enumerate(zip(keys, xs, chunk_shapes, wire_sizes, starts)):
+        finite = finite_rows_each(xs, world)
+        for i, (key, x, shape, n, start, ok) in enumerate(zip(keys, xs, chunk_shapes, wire_sizes, starts, finite)):
             chunks = x.view(world, *shape)
-            ok = finite_rows(x.view(world, -1))
             sent = state.encode_many([link_key(key, ranks[me], ranks[p]) for p in peers], [chunks[p] for p in peers],
                                      [send[p, start:start + n] for p in peers], [ok[p] for p in peers])
             fallback_to += [(i, p) for p, msg in zip(peers, sent) if msg.fallback is not None]
