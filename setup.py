@@ -23,12 +23,12 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "scikit-learn", "matplotlib",
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "scikit-image", "scikit-learn", "matplotlib",
                  "triton>=3.0; platform_machine == 'x86_64'"],
         "triton": ["triton>=3.0"],
         "video": ["av"],
         "flash": ["flash-attn"],
         "bench": ["matplotlib", "scikit-image", "scikit-learn"],
     },
-    entry_points={"console_scripts": ["xfuser=compactfusion_xdit.cli:main", "cfx-xdit=compactfusion_xdit.xdit_cli:main"]},
+    entry_points={"console_scripts": ["xfuser=compactfusion_xdit.cli.launcher:main", "cfx-xdit=compactfusion_xdit.cli.xdit_command:main"]},
 )

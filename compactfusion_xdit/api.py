@@ -15,12 +15,9 @@ Ulysses and ring paths on CUDA when nothing was installed before.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-#: Environment variable naming the compression of processes started by a launcher (Ray workers,
-#: ``python -m compactfusion_xdit.launch``): read by `install_from_env`.
-ENV_COMPRESSION = "CFX_COMPRESSION"
+from compactfusion_xdit import envs
 
 
 def install(compression: Any = "none", **options: Any):
@@ -29,7 +26,7 @@ def install(compression: Any = "none", **options: Any):
     ``error_feedback=``, ``check=``). Returns the `CompressionSession` (None for ``"none"``).
     Call it in every rank before the model is built."""
     from compactfusion_xdit import patches
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     patches.install(CompressionConfig.parse(compression, **options))
     return patches.session()
@@ -44,7 +41,7 @@ def uninstall() -> None:
 
 def install_from_env() -> Any:
     """`install` with the compression named in ``$CFX_COMPRESSION`` (default none)."""
-    return install(os.environ.get(ENV_COMPRESSION, "none") or "none")
+    return install(envs.get(envs.COMPRESSION) or "none")
 
 
 class xDiTParallel:  # noqa: N801 - the name of the class it mirrors
@@ -61,18 +58,17 @@ class xDiTParallel:  # noqa: N801 - the name of the class it mirrors
 
         self._parallel = build_xdit_parallel(pipe, engine_config, input_config)
         if self.session is not None:
-            self.session.state.reset()  # the warm-up run of prepare_run is not a request
-            self.session.state.reset_stats()
+            self.session.end_request()  # the warm-up run of prepare_run is not a request
+            self.session.reset_stats()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from compactfusion_xdit.worker import begin_request_state
-
-        begin_request_state(self.session, reset_stats=False)
+        if self.session is None:
+            return self._parallel(*args, **kwargs)
+        self.session.begin_request()
         try:
             return self._parallel(*args, **kwargs)
         finally:
-            if self.session is not None:
-                self.session.state.reset()  # no cache entry outlives its request
+            self.session.end_request()  # no cache entry outlives its request
 
     @property
     def pipe(self) -> Any:
@@ -97,6 +93,6 @@ class xDiTParallel:  # noqa: N801 - the name of the class it mirrors
 
     def traffic(self) -> dict:
         """Bytes summed over every rank (a collective: call it on all ranks)."""
-        from compactfusion_xdit.worker import compression_traffic
+        from compactfusion_xdit.rank.traffic import compression_traffic
 
         return compression_traffic(self.session)

@@ -17,8 +17,9 @@ import os
 import runpy
 import sys
 
-from compactfusion_xdit import api
-from compactfusion_xdit import args as cli_args
+from compactfusion_xdit import api, envs
+from compactfusion_xdit.reliability import orphans
+from compactfusion_xdit.cli import flags as cli_args
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:
@@ -30,6 +31,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    orphans.exit_with_parent()  # this rank ends when torchrun (or the launcher) dies
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         ours, script, script_argv = split_argv(argv)
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"script {script!r} does not exist")
         parser = argparse.ArgumentParser(prog="python -m compactfusion_xdit.launch")
         cli_args.add_compression_args(parser)
-        parser.set_defaults(compression=os.environ.get(api.ENV_COMPRESSION, "none") or "none")
+        parser.set_defaults(compression=envs.get(envs.COMPRESSION) or "none")
         ns = parser.parse_args(ours)
         config = cli_args.compression_config(ns)
     except ValueError as err:

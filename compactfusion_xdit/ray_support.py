@@ -15,18 +15,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from compactfusion_xdit import api
+from compactfusion_xdit import api, envs
 
 SETUP_HOOK = "compactfusion_xdit.ray_support.setup_worker"
 
 
 def runtime_env(compression: str = "residual-int4", base: dict[str, Any] | None = None) -> dict[str, Any]:
     """A Ray ``runtime_env`` (merged into `base`) whose workers install the plugin with `compression`."""
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     name = CompressionConfig.parse(compression).name  # a bad name fails here, not in every worker
     env = dict(base or {})
-    env["env_vars"] = {**env.get("env_vars", {}), api.ENV_COMPRESSION: name}
+    env["env_vars"] = {**env.get("env_vars", {}), envs.COMPRESSION: name}
     env["worker_process_setup_hook"] = SETUP_HOOK
     return env
 

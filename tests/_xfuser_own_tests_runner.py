@@ -10,7 +10,7 @@ import sys
 
 
 def _config(mode: str):
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     if mode == "none":
         return CompressionConfig.parse("none")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from compactfusion_xdit import cli
+from compactfusion_xdit.cli import launcher, plan, torchrun
 from compactfusion_xdit.models import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +28,7 @@ def cache(tmp_path_factory) -> str:
 
 def xfuser_command() -> list[str]:
     script = shutil.which("xfuser")
-    return [script] if script else [sys.executable, "-m", "compactfusion_xdit.cli"]
+    return [script] if script else [sys.executable, "-m", "compactfusion_xdit.cli.launcher"]
 
 
 def run_xfuser(argv: list[str], cache: str, timeout: float = QUICK) -> subprocess.CompletedProcess:
@@ -38,7 +38,7 @@ def run_xfuser(argv: list[str], cache: str, timeout: float = QUICK) -> subproces
 
 def launcher_error(argv: list[str], cache: str) -> str:
     """Run the launcher in a process that reports whether xfuser got imported; return its one error line."""
-    code = ("import sys; from compactfusion_xdit import cli; rc = cli.main(sys.argv[1:]); "
+    code = ("import sys; from compactfusion_xdit.cli import launcher, plan, torchrun; rc = launcher.main(sys.argv[1:]); "
             "print('xfuser imported' if 'xfuser' in sys.modules else 'xfuser not imported'); sys.exit(rc)")
     env = {**os.environ, "CFX_CACHE": cache, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=env, capture_output=True, text=True,
@@ -105,43 +105,43 @@ def test_no_ef_with_plain_compression_is_refused(cache):
 
 
 def test_world_size_is_the_product_of_the_degrees_like_xdit():
-    ns = cli.preparse(["--ulysses_degree", "2", "--ring-degree=2", "--pipefusion_parallel_degree", "2",
+    ns = plan.preparse(["--ulysses_degree", "2", "--ring-degree=2", "--pipefusion_parallel_degree", "2",
                        "--use_cfg_parallel", "--data-parallel-degree", "1"])
-    assert cli.world_size(ns) == 16
+    assert plan.world_size(ns) == 16
 
 
 def test_our_flags_take_dashes_or_underscores():
-    ns = cli.preparse(["--compression=residual-int4", "--compression_warmup", "3", "--compression-paths", "ulysses,ring",
+    ns = plan.preparse(["--compression=residual-int4", "--compression_warmup", "3", "--compression-paths", "ulysses,ring",
                        "--compression-no-ef", "--compression_check", "--compression-stats", "--output-dir", "o"])
     assert (ns.compression, ns.compression_warmup, ns.compression_paths) == ("residual-int4", 3, "ulysses,ring")
     assert ns.compression_no_ef and ns.compression_check and ns.compression_stats and ns.output_dir == "o"
-    config = cli.cli_args.compression_config(ns)
+    config = plan.cli_args.compression_config(ns)
     assert (config.name, config.warmup, config.paths, config.check) == ("residual-int4-noef", 3, ("ulysses", "ring"), True)
 
 
 def test_multi_node_placement_goes_to_torchrun(cache, monkeypatch):
     monkeypatch.setenv("CFX_CACHE", cache)
-    ns = cli.preparse(["--model", "tiny-flux", "--ulysses_degree", "4", "--nnodes", "2", "--node_rank", "1",
+    ns = plan.preparse(["--model", "tiny-flux", "--ulysses_degree", "4", "--nnodes", "2", "--node_rank", "1",
                        "--master_addr", "10.0.0.1"])
-    plan = cli.plan_launch(ns)
-    assert (plan.world_size, plan.nproc_per_node, plan.master_port) == (4, 2, cli.DEFAULT_MULTINODE_PORT)
-    cmd = cli.torchrun_command(plan, ["--model", "tiny-flux"])
+    launch = plan.plan_launch(ns)
+    assert (launch.world_size, launch.nproc_per_node, launch.master_port) == (4, 2, plan.DEFAULT_MULTINODE_PORT)
+    cmd = torchrun.torchrun_command(launch, ["--model", "tiny-flux"])
     assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=2", "--node_rank=1",
-                       "--master_addr=10.0.0.1", f"--master_port={cli.DEFAULT_MULTINODE_PORT}",
-                       "-m", "compactfusion_xdit.worker", "--model", "tiny-flux"]
+                       "--master_addr=10.0.0.1", f"--master_port={plan.DEFAULT_MULTINODE_PORT}",
+                       "-m", "compactfusion_xdit.rank.worker", "--model", "tiny-flux"]
 
 
 def test_dtype_choices_are_the_workers():
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
-    assert set(cli.cli_args.DTYPE_NAMES) == set(worker.DTYPES)
+    assert set(plan.cli_args.DTYPE_NAMES) == set(worker.DTYPES)
 
 
 def test_cpu_ranks_get_one_thread_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert cli.launch_env(cuda=False)["OMP_NUM_THREADS"] == "1"
+    assert torchrun.launch_env(cuda=False)["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert cli.launch_env(cuda=False)["OMP_NUM_THREADS"] == "3"
+    assert torchrun.launch_env(cuda=False)["OMP_NUM_THREADS"] == "3"
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,9 +181,9 @@ def test_one_failing_rank_stops_the_launch_with_a_non_zero_status(tmp_path):
     script.write_text("import os, sys, time\n"
                       "if os.environ['RANK'] == '1':\n    sys.exit(3)\n"
                       "time.sleep(600)\n")
-    code = ("import sys; from compactfusion_xdit import cli; "
-            "plan = cli.LaunchPlan(2, 2, 1, 0, '127.0.0.1', cli._free_port()); "
-            "sys.exit(cli.run_to_completion(cli.torchrun_command(plan, [], target=(sys.argv[1],)), cli.launch_env(False)))")
+    code = ("import sys; from compactfusion_xdit.cli import plan, ports, torchrun; "
+            "launch = plan.LaunchPlan(2, 2, 1, 0, '127.0.0.1', ports.free_port()); "
+            "sys.exit(torchrun.run_to_completion(torchrun.torchrun_command(launch, [], target=(sys.argv[1],)), torchrun.launch_env(False)))")
     proc = subprocess.run([sys.executable, "-c", code, str(script)], cwd=REPO, capture_output=True, text=True,
                           timeout=QUICK)
     assert proc.returncode != 0

@@ -94,7 +94,7 @@ def check_none(rank: int, world: int, device: str = "cpu") -> dict:
     import torch.distributed as dist
 
     from compactfusion_xdit.comm import CompressedCommunicator
-    from compactfusion_xdit.residual import ResidualState
+    from compactfusion_xdit.core.residual import ResidualState
 
     comm = CompressedCommunicator(ResidualState("none"))
     results = {}
@@ -122,7 +122,7 @@ def check_none(rank: int, world: int, device: str = "cpu") -> dict:
 def check_residual(rank: int, world: int, name: str, device: str = "cpu") -> dict:
     """Several steps of a residual codec: errors, ring origins, cache agreement, byte counts."""
     from compactfusion_xdit.comm import CompressedCommunicator
-    from compactfusion_xdit.residual import ResidualState
+    from compactfusion_xdit.core.residual import ResidualState
 
     comm = CompressedCommunicator(ResidualState(name))
     comm.state.begin_request()
@@ -146,7 +146,7 @@ def check_residual(rank: int, world: int, name: str, device: str = "cpu") -> dic
 def check_nonfinite(rank: int, world: int, name: str, device: str = "cpu") -> dict:
     """Rank 0 sends NaN/Inf at POISON_STEP on every op: raw delivery, clean caches, clean next step."""
     from compactfusion_xdit.comm import CompressedCommunicator, link_key
-    from compactfusion_xdit.residual import ResidualState
+    from compactfusion_xdit.core.residual import ResidualState
 
     comm = CompressedCommunicator(ResidualState(name))
     out = {"exact": {}, "caches_after_poison": {}, "mismatches": []}
@@ -187,8 +187,8 @@ def check_many(rank: int, world: int, name: str, device: str = "cpu") -> dict:
     per step equal results (bitwise), then equal stats and cache digests. Step POISON_STEP puts
     NaN into one key's chunk (its raw fallback travels point-to-point), a later step resets a key."""
     from compactfusion_xdit.comm import CompressedCommunicator
-    from compactfusion_xdit.config import CompressionConfig
-    from compactfusion_xdit.residual import ResidualState
+    from compactfusion_xdit.core.config import CompressionConfig
+    from compactfusion_xdit.core.residual import ResidualState
 
     config = CompressionConfig.parse(name, warmup=1)
     many, one = (CompressedCommunicator(ResidualState(config)) for _ in range(2))

@@ -51,7 +51,7 @@ def exchange_steps(rank: int, world_size: int, session) -> list[list[torch.Tenso
 def legacy_target(rank: int, world_size: int, compression: str):
     from compactfusion_xdit import patches
     from compactfusion_xdit.comm import communicator
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     patches.install()  # stock yunchang exchange (CPU/gloo support only)
     stock = exchange_steps(rank, world_size, None)
@@ -78,7 +78,7 @@ def legacy_off(rank: int, world_size: int, stock) -> bool:
     import yunchang.comm.all_to_all as a2a
 
     from compactfusion_xdit import patches
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     patches.install(CompressionConfig.parse("residual-int4", paths="ulysses"))
     untouched = a2a.dist is torch.distributed and a2a.all_to_all_4D.__module__ == "yunchang.comm.all_to_all"
@@ -166,7 +166,7 @@ def ring_steps(rank: int, session) -> list[torch.Tensor]:
 
 def ring_target(rank: int, world_size: int, compression: str, warmup: int = 1):
     from compactfusion_xdit import patches
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
     from yunchang.ring import ring_pytorch_attn
 
     patches.install()

@@ -1,6 +1,6 @@
 """Real xfuser 0.7.0 on CPU ranks (gloo) gives the single-process result with ``--compression none``.
 
-Every run goes through ``compactfusion_xdit.worker`` (patches installed, xfuser configs built from
+Every run goes through ``compactfusion_xdit.rank.worker`` (patches installed, xfuser configs built from
 the shared flags) on the built-in tiny models (`compactfusion_xdit.models.tiny`), 64x64, 3 steps,
 fp32, seed 42. Each parallel layout is compared with one process of the same model by the largest
 absolute difference of the final latents. Exact layouts (Ulysses, ring, both, CFG, PipeFusion with every step synchronous) must
@@ -61,7 +61,7 @@ def pixart():
 
 def worker_latents(rank: int, world_size: int, argv: list[str]):
     """Rank target: one worker run in this process; the output rank returns its latents."""
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
     result = worker.run_pipeline(worker.parse_args(argv))
     return result.output.float() if result.is_output_rank else None
@@ -169,7 +169,7 @@ def test_flux_pipefusion2_one_warmup_step_is_close_but_not_exact(flux, flux_sing
 
 
 def worker_main(rank: int, world_size: int, argv: list[str]) -> int:
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
     return worker.main(argv)
 
@@ -204,7 +204,7 @@ def test_worker_rejects_heads_not_divisible_by_ulysses_degree(flux):
 
     env = rank_env(0, 3, port=1)  # checked before any process group is built
     argv = base_argv(flux) + ["--ulysses_degree", "3"]
-    proc = subprocess.run([sys.executable, "-m", "compactfusion_xdit.worker", *argv], env=env, cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "compactfusion_xdit.rank.worker", *argv], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]

@@ -69,7 +69,7 @@ def variants(rank: int, world_size: int, models: list[str]) -> dict:
     rank's stats and the sizes of the K/V and output messages. Also a second request of the last
     variant, and one request after uninstalling (the plain pipeline again)."""
     from compactfusion_xdit.modes.patch_parallel import PatchParallel, install_on
-    from compactfusion_xdit.session import CompressionSession
+    from compactfusion_xdit.core.session import CompressionSession
 
     torch.set_grad_enabled(False)
     out = {}
@@ -237,7 +237,7 @@ def test_compressed_displaced_stays_within_a_psnr_margin_of_its_uncompressed_twi
 
 
 def worker_latents(rank: int, world_size: int, argv: list[str]):
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
     result = worker.run_pipeline(worker.parse_args(argv))
     return result.output.float() if result.is_output_rank else None
@@ -263,7 +263,7 @@ def test_patch_times_cfg_parallel_equals_single_process_through_xfuser():
 
 
 def xfuser_command() -> list[str]:
-    return [sys.executable, "-m", "compactfusion_xdit.cli"]
+    return [sys.executable, "-m", "compactfusion_xdit.cli.launcher"]
 
 
 def test_xfuser_command_runs_displaced_compressed_patch_parallel(tmp_path):
@@ -305,7 +305,7 @@ def test_xfuser_command_runs_displaced_compressed_patch_parallel(tmp_path):
     (["--patch_parallel_degree", "0"], "--patch_parallel_degree 0 must be at least 1"),
 ])
 def test_launcher_refuses_compositions_it_cannot_run(flags, message):
-    code = ("import sys; from compactfusion_xdit import cli; rc = cli.main(sys.argv[1:]); "
+    code = ("import sys; from compactfusion_xdit.cli import launcher, plan; rc = launcher.main(sys.argv[1:]); "
             "print('xfuser imported' if 'xfuser' in sys.modules else 'xfuser not imported'); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "--model", "tiny-flux", *flags], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
@@ -316,10 +316,10 @@ def test_launcher_refuses_compositions_it_cannot_run(flags, message):
 
 
 def test_patch_degree_multiplies_the_world_size():
-    from compactfusion_xdit import cli
+    from compactfusion_xdit.cli import launcher, plan
 
-    ns = cli.preparse(["--model", "tiny-sd3", "--patch_parallel_degree", "2", "--use_cfg_parallel"])
-    assert cli.world_size(ns) == 4
+    ns = plan.preparse(["--model", "tiny-sd3", "--patch_parallel_degree", "2", "--use_cfg_parallel"])
+    assert plan.world_size(ns) == 4
     from compactfusion_xdit.modes import layout
 
     assert layout.xfuser_data_parallel_degree(ns) == 2 and layout.active_mode(ns) == "patch"

@@ -48,11 +48,12 @@ def runs_in_turn(rank: int, world_size: int, model: str, variants: list[tuple[st
     each request the patches are installed for that compression (``RAW_PATCHED``: stock install
     plus this module's patch with a ``none`` session). Returns per request the last rank's latents
     and every rank's PipeFusion byte counts, message log and cache check."""
-    from compactfusion_xdit import patches, worker
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit import patches
+    from compactfusion_xdit.rank import worker
+    from compactfusion_xdit.core.config import CompressionConfig
     from compactfusion_xdit.patches import pipefusion
     from compactfusion_xdit.patches._attrs import AttributePatcher
-    from compactfusion_xdit.session import CompressionSession
+    from compactfusion_xdit.core.session import CompressionSession
 
     args = worker.parse_args(argv_for(model, variants[0][1], steps, prompt))
     loaded = worker.load_pipeline(args)
@@ -276,7 +277,7 @@ def coordinator_exchange(rank: int, world_size: int, compression: str, warmup: i
     from xfuser.core.distributed.group_coordinator import PipelineGroupCoordinator
 
     from compactfusion_xdit.patches import _attrs, pipefusion, pipefusion_gloo
-    from compactfusion_xdit.session import CompressionSession
+    from compactfusion_xdit.core.session import CompressionSession
 
     patcher = _attrs.AttributePatcher()
     pipefusion_gloo.apply(patcher)
@@ -327,7 +328,7 @@ def coordinator_exchange(rank: int, world_size: int, compression: str, warmup: i
 
 
 def compression_config(name: str, warmup: int):
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     return CompressionConfig.parse(name, warmup=warmup)
 

@@ -1,7 +1,7 @@
 """Cache consistency always: with ``--compression-check`` every receiver's cache equals its
 sender's reconstruction bitwise after every message of every step, on every path, for every codec.
 
-The per-message history (compactfusion_xdit.cache_history) is compared after the request, so the
+The per-message history (compactfusion_xdit.core.cache_history) is compared after the request, so the
 check needs no collective during it and covers pipelined PipeFusion stages too. The CI test runs
 PipeFusion (the path whose step-boundary check had to be skipped) over 20 steps with residual-1bit
 and residual-int4 with a deliberately corrupted cache; the full matrix (every layout x every codec, 20 steps) is
@@ -51,9 +51,9 @@ def base_argv(layout: str, steps: int = STEPS) -> list[str]:
 
 def history_over_paths(rank: int, world: int, corrupt_at: int | None) -> list[str]:
     """6 steps of a2a, all-gather, ring and p2p with residual-int4; rank 1 may corrupt one cache."""
-    from compactfusion_xdit.cache_history import CacheHistory
+    from compactfusion_xdit.core.cache_history import CacheHistory
     from compactfusion_xdit.comm import CompressedCommunicator, link_key
-    from compactfusion_xdit.residual import ResidualState
+    from compactfusion_xdit.core.residual import ResidualState
 
     state = ResidualState("residual-int4")
     history = CacheHistory(state)
@@ -89,7 +89,7 @@ def test_history_is_clean_on_every_path_and_names_a_corrupted_cache_at_its_step(
 
 
 def test_a_message_never_received_is_reported():
-    from compactfusion_xdit.cache_history import _compare
+    from compactfusion_xdit.core.cache_history import _compare
 
     assert "never received" in _compare(("ring", 0), [(0, "send", [(0, "ab")])], both_sides=True)
     assert _compare(("ring", 0), [(0, "send", [(0, "ab")]), (1, "recv", [(0, "ab")])], both_sides=True) is None
@@ -103,8 +103,9 @@ def test_a_message_never_received_is_reported():
 def check_codecs(rank: int, world: int, argv: list[str], names: list[str], corrupt: bool = False) -> dict:
     """Load once, then one request per compression name with the cache check on; with `corrupt`, a
     last residual-int4 request where rank 1 alters one receiver cache at its 10th scheduler step."""
-    from compactfusion_xdit import patches, worker
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit import patches
+    from compactfusion_xdit.rank import worker
+    from compactfusion_xdit.core.config import CompressionConfig
 
     args = worker.parse_args(argv + ["--compression", names[0], "--compression-check"])
     loaded = worker.load_pipeline(args)
@@ -115,7 +116,8 @@ def check_codecs(rank: int, world: int, argv: list[str], names: list[str], corru
         session = patches.session()
         if loaded.mode is not None:  # patch parallelism hands back a handle holding the mode
             getattr(loaded.mode, "mode", loaded.mode).session = session
-        worker.begin_request_state(session)
+        if session is not None:
+            session.begin_request(reset_stats=True)
         scheduler_step = loaded.pipe.scheduler.step
         if damage:
             calls = [0]

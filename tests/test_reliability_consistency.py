@@ -1,12 +1,12 @@
 """Every rank must start with the same settings: a mismatch stops all of them with one message
-naming the field and the ranks (compactfusion_xdit.consistency, hooked into the worker)."""
+naming the field and the ranks (compactfusion_xdit.reliability.consistency, hooked into the worker)."""
 
 from __future__ import annotations
 
 import os
 
 
-from compactfusion_xdit import consistency
+from compactfusion_xdit.reliability import consistency
 from compactfusion_xdit.testing import run_ranks
 
 HERE = os.path.abspath(__file__)
@@ -69,7 +69,7 @@ def worker_main_capturing(rank: int, world_size: int, argvs: list[list[str]]) ->
     import contextlib
     import io
 
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

@@ -1,7 +1,7 @@
 """Faults: a rank that dies or freezes mid-request stops every other rank (non-zero exit, a message
 naming the lost rank, within 60 s, never an infinite wait), and a request that fails on every rank
 leaves the plugin clean for the next one. Built-in tiny Flux, Ulysses 2, CPU/gloo; the faults come
-from ``CFX_FAULT`` (compactfusion_xdit.faults)."""
+from ``CFX_FAULT`` (compactfusion_xdit.reliability.faults)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from compactfusion_xdit import faults
+from compactfusion_xdit.reliability import faults
 from compactfusion_xdit.testing import free_port, rank_env, run_ranks
 
 HERE = os.path.abspath(__file__)
@@ -54,7 +54,7 @@ def launch_ranks(tmp_path, fault: str, extra_env: dict | None = None) -> list[tu
         env.update(CFX_FAULT=fault, **(extra_env or {}))
         log = str(tmp_path / f"rank{rank}.log")
         with open(log, "w") as f:
-            procs.append((subprocess.Popen([sys.executable, "-m", "compactfusion_xdit.worker", *flags(tmp_path)],
+            procs.append((subprocess.Popen([sys.executable, "-m", "compactfusion_xdit.rank.worker", *flags(tmp_path)],
                                            env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True), log))
     return procs
 
@@ -110,7 +110,7 @@ def test_a_rank_that_dies_under_the_xfuser_command_fails_the_launch(tmp_path):
     """Through ``xfuser`` (torchrun's agent stops the survivors): non-zero status, the lost rank named."""
     env = dict(os.environ, CFX_FAULT="exit:1:3")
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "compactfusion_xdit.cli", *flags(tmp_path)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "compactfusion_xdit.cli.launcher", *flags(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=STARTUP_LIMIT_S + GRACE_S)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
@@ -121,7 +121,8 @@ def test_a_rank_that_dies_under_the_xfuser_command_fails_the_launch(tmp_path):
 
 def failed_request_then_retry(rank: int, world_size: int, argv: list[str]) -> dict:
     """Request A, then a request that raises on every rank at its second step, then A again."""
-    from compactfusion_xdit import patches, worker
+    from compactfusion_xdit import patches
+    from compactfusion_xdit.rank import worker
 
     args = worker.parse_args(argv)
     loaded = worker.load_pipeline(args)
@@ -155,7 +156,7 @@ def test_a_failed_request_leaves_the_plugin_clean_for_the_next(tmp_path):
 
 
 def test_a_peer_that_does_not_answer_is_reported_lost():
-    from compactfusion_xdit import liveness
+    from compactfusion_xdit.reliability import liveness
 
     me, alive, gone = liveness.Responder(), liveness.Responder(), liveness.Responder()
     gone.close()  # its port now refuses connections, as a dead process's would
@@ -169,7 +170,7 @@ def test_a_peer_that_does_not_answer_is_reported_lost():
 
 @pytest.mark.parametrize("value", ["0", "-3", "soon"])
 def test_a_bad_timeout_setting_names_the_variable(monkeypatch, value):
-    from compactfusion_xdit import liveness
+    from compactfusion_xdit.reliability import liveness
 
     monkeypatch.setenv("CFX_COMM_TIMEOUT_S", value)
     with pytest.raises(ValueError, match="CFX_COMM_TIMEOUT_S"):

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compactfusion_xdit import cli, flag_table
+from compactfusion_xdit.cli import launcher
+from compactfusion_xdit.cli import flag_table
 
 SKIP = {"help", "config", "dry_run"}  # -h prints help; --config and --dry-run are added by the tests
 JUNK = st.one_of(st.text(max_size=12), st.sampled_from(["-1", "0", "1e9", "nan", "--", "", " ", "none", "all", "x,y",
@@ -66,7 +67,7 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = cli.main(argv)
+            code = launcher.main(argv)
         except SystemExit as exit_:  # argparse-style exits count as what they are
             code = exit_.code
     return code, out.getvalue(), err.getvalue()

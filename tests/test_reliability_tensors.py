@@ -121,9 +121,9 @@ def poisoned_exchanges(rank: int, world: int, name: str) -> dict:
     hold NaN / Inf. Returns per step: exact raw delivery, non-finite cache entries, mismatches."""
     import torch.distributed as dist
 
-    from compactfusion_xdit.cache_history import CacheHistory
+    from compactfusion_xdit.core.cache_history import CacheHistory
     from compactfusion_xdit.comm import CompressedCommunicator
-    from compactfusion_xdit.residual import ResidualState
+    from compactfusion_xdit.core.residual import ResidualState
 
     state = ResidualState(name)
     history = CacheHistory(state)

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compactfusion_xdit import codecs
-from compactfusion_xdit.config import PATHS, CompressionConfig, valid_names
-from compactfusion_xdit.residual import MessageKind, ResidualState, fallback_follows
+from compactfusion_xdit.core.config import PATHS, CompressionConfig, valid_names
+from compactfusion_xdit.core.residual import MessageKind, ResidualState, fallback_follows
 
 KEY = ("ulysses", 0, "k", 0, 1)
 

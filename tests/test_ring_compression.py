@@ -86,8 +86,8 @@ def check_against_torch(rank: int, world_size: int):
     rear; then residual-int4 over FN_STEPS steps of FN_LAYERS layers."""
     import torch.distributed as dist
 
-    from compactfusion_xdit.patches.ring import CompressedRingAttention
-    from compactfusion_xdit.session import CompressionSession
+    from compactfusion_xdit.patches.ring_attn import CompressedRingAttention
+    from compactfusion_xdit.core.session import CompressionSession
 
     def stock_never(*a, **k):
         raise AssertionError("the stock ring must not run for is_causal=False")
@@ -187,8 +187,8 @@ def test_backend_without_lse_is_refused_cleanly(fn_results):
 
 
 def test_causal_goes_to_stock_ring():
-    from compactfusion_xdit.patches.ring import CompressedRingAttention
-    from compactfusion_xdit.session import CompressionSession
+    from compactfusion_xdit.patches.ring_attn import CompressedRingAttention
+    from compactfusion_xdit.core.session import CompressionSession
 
     seen = []
 
@@ -262,7 +262,7 @@ DIGITS_PLAIN_GAP_DB = 20.0
 def worker_runs(rank: int, world_size: int, runs: list[list[str]], ports: list[int]):
     """Rank target: several worker runs in turn, each on its own master port (xfuser tears its
     process groups down after a run). Returns (latents or None, stats) per run."""
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
     outs = []
     for argv, port in zip(runs, ports):

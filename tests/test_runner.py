@@ -1,4 +1,4 @@
-"""The drop-in runner (``cfx-xdit`` / ``python -m compactfusion_xdit.runner``), real models from local
+"""The drop-in runner (``cfx-xdit`` / ``python -m compactfusion_xdit.rank.runner``), real models from local
 folders, the Python API, the one-line switches, and the errors users hit first.
 
 Local folders are the tiny pipelines of `models.tiny` and `models.tiny_more` saved by
@@ -49,14 +49,15 @@ def env() -> dict[str, str]:
 def runner_in_turn(rank: int, world_size: int, argvs: list[list[str]], worker_argvs: list[list[str]] = ()) -> list[int]:
     """Rank target: several drop-in runner runs, then ``xfuser``-command worker runs, one after
     another in this process."""
-    from compactfusion_xdit import runner, worker
+    from compactfusion_xdit.rank import runner
+    from compactfusion_xdit.rank import worker
 
     return [runner.main(argv) for argv in argvs] + [worker.main(argv) for argv in worker_argvs]
 
 
 def expected_output(name: str) -> str:
     """A video is an mp4 with PyAV installed, else PNG frames plus the frames as .npy."""
-    from compactfusion_xdit import outputs
+    from compactfusion_xdit.rank import outputs
 
     if name.endswith(".mp4") and outputs.video_backend() != "mp4":
         return name[: -len(".mp4")] + ".npy"
@@ -92,7 +93,7 @@ def test_every_runner_model_loads_from_a_local_folder_and_writes_its_output(fold
         written = tmp_path / name / expected
         assert written.is_file() and written.stat().st_size > 0, name
         stats = json.loads((tmp_path / name / "stats.json").read_text())
-        assert expected in stats["requests"][0]["outputs"]
+        assert expected in stats["outputs"]
 
 
 def test_a_folder_of_an_unserved_pipeline_is_named(tmp_path):
@@ -106,8 +107,9 @@ def test_a_folder_of_an_unserved_pipeline_is_named(tmp_path):
 def codecs_by_dtype(rank: int, world_size: int, argv: list[str], names: list[str], dtypes: list[str]) -> dict:
     """Rank target: one load, then every (dtype, codec) request; the last rank returns latents per pair
     and every rank its sent/raw bytes."""
-    from compactfusion_xdit import patches, worker
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit import patches
+    from compactfusion_xdit.rank import worker
+    from compactfusion_xdit.core.config import CompressionConfig
 
     args = worker.parse_args(argv)
     loaded = worker.load_pipeline(args)
@@ -117,7 +119,8 @@ def codecs_by_dtype(rank: int, world_size: int, argv: list[str], names: list[str
         for name in names:
             patches.install(CompressionConfig.parse(name))
             session = patches.session()
-            worker.begin_request_state(session)
+            if session is not None:
+                session.begin_request(reset_stats=True)
             out = worker.call_pipeline(loaded, args)
             stats = session.stats() if session is not None else {"raw_bytes": 0, "sent_bytes": 0}
             last = rank == world_size - 1  # xfuser's pipelines return the output on the last rank
@@ -162,7 +165,7 @@ def test_cfx_xdit_two_ranks_two_requests_compressed_progress_and_summary_on_rank
     out = tmp_path / "out"
     argv = one_request(folders["tiny-flux"], str(out), "--ulysses_degree", "2", "--compression", "residual-int4",
                        "--prompt", "the dog")
-    proc = subprocess.run([sys.executable, "-m", "compactfusion_xdit.xdit_cli", *argv], cwd=REPO, env=env(),
+    proc = subprocess.run([sys.executable, "-m", "compactfusion_xdit.cli.xdit_command", *argv], cwd=REPO, env=env(),
                           capture_output=True, text=True, timeout=LAUNCH)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [line for line in proc.stdout.splitlines() if line.startswith("done: ")]
@@ -252,14 +255,14 @@ def one_line_error(cmd: list[str], code: int = 2) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("command", ["compactfusion_xdit.xdit_cli", "compactfusion_xdit.cli"])
+@pytest.mark.parametrize("command", ["compactfusion_xdit.cli.xdit_command", "compactfusion_xdit.cli.launcher"])
 def test_torch_compile_with_compression_is_refused(command, folders):
     line = one_line_error([sys.executable, "-m", command, "--model", folders["tiny-flux"], "--ulysses_degree", "2",
                            "--use_torch_compile", "--compression", "residual-int4"])
     assert "--use_torch_compile with --compression residual-int4 is not supported" in line
 
 
-@pytest.mark.parametrize("command", ["compactfusion_xdit.xdit_cli", "compactfusion_xdit.cli"])
+@pytest.mark.parametrize("command", ["compactfusion_xdit.cli.xdit_command", "compactfusion_xdit.cli.launcher"])
 def test_master_port_in_use_is_refused_with_a_free_one_suggested(command, folders):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("", 0))
@@ -271,13 +274,13 @@ def test_master_port_in_use_is_refused_with_a_free_one_suggested(command, folder
 
 
 def test_runner_names_a_missing_model_path():
-    line = one_line_error([sys.executable, "-m", "compactfusion_xdit.runner", "--model", "/no/such/model",
+    line = one_line_error([sys.executable, "-m", "compactfusion_xdit.rank.runner", "--model", "/no/such/model",
                            "--prompt", "a"])
     assert "--model '/no/such/model' is neither a model registered with xfuser's runner" in line
 
 
 def test_runner_refuses_fp8_comms_with_compression():
-    line = one_line_error([sys.executable, "-m", "compactfusion_xdit.xdit_cli", "--model", "FLUX.1-dev",
+    line = one_line_error([sys.executable, "-m", "compactfusion_xdit.cli.xdit_command", "--model", "FLUX.1-dev",
                            "--use_fp8_comms", "--compression", "residual-int4"])
     assert "--use_fp8_comms and --compression residual-int4" in line
 
@@ -290,7 +293,7 @@ def test_runner_refuses_fp8_comms_with_compression():
 def test_video_without_an_encoder_is_png_frames_plus_npy(tmp_path, monkeypatch):
     import numpy as np
 
-    from compactfusion_xdit import outputs
+    from compactfusion_xdit.rank import outputs
 
     monkeypatch.setattr(outputs, "video_backend", lambda: "frames")
     frames = np.random.default_rng(0).random((3, 8, 10, 3), dtype=np.float32)
@@ -303,7 +306,7 @@ def test_video_with_pyav_is_an_mp4_of_every_frame(tmp_path):
     av = pytest.importorskip("av")
     import numpy as np
 
-    from compactfusion_xdit import outputs
+    from compactfusion_xdit.rank import outputs
 
     frames = np.random.default_rng(0).random((4, 16, 16, 3), dtype=np.float32)
     (path,) = outputs.save_video(frames, str(tmp_path / "v"), fps=8)
@@ -313,7 +316,7 @@ def test_video_with_pyav_is_an_mp4_of_every_frame(tmp_path):
 
 
 def test_summary_line_states_time_bytes_saved_and_ratio():
-    from compactfusion_xdit import outputs
+    from compactfusion_xdit.rank import outputs
 
     assert outputs.summary_line(1.234, 3, 4 << 20, 1 << 20, "residual-int4") == (
         "done: 3 requests in 1.23 s; compression residual-int4: sent 1.00 MB of 4.00 MB, saved 3.00 MB (75.0%), "

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from compactfusion_xdit import request_list
+from compactfusion_xdit.rank import requests as request_list
 from compactfusion_xdit.testing import run_ranks
 
 HERE = os.path.abspath(__file__)
@@ -45,7 +45,7 @@ def flux_cached():
 
 def serve_stream(rank: int, world_size: int, argv: list[str], requests: list):
     """Rank target: the requests through one launch; the output rank's latents and every rank's stats."""
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
     results = worker.serve(worker.parse_args(argv), requests)
     return [(r.output.clone() if r.is_output_rank else None, r.stats) for r in results]
@@ -138,9 +138,9 @@ def test_hundred_requests_memory_flat_and_each_equal_to_alone(tmp_path):
 
 
 def test_launcher_refuses_a_bad_prompt_file_before_any_rank_starts(tmp_path):
-    from compactfusion_xdit import cli
+    from compactfusion_xdit.cli import plan
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a", "steps": 0}\n')
-    with pytest.raises(cli.LaunchError, match=r"p.jsonl:1: 'steps' must be an integer >= 1"):
-        cli.plan_launch(cli.preparse(["--model", "tiny-flux", "--prompt_file", str(path)]))
+    with pytest.raises(plan.UsageError, match=r"p.jsonl:1: 'steps' must be an integer >= 1"):
+        plan.plan_launch(plan.preparse(["--model", "tiny-flux", "--prompt_file", str(path)]))

@@ -192,7 +192,7 @@ def pipelines_run(rank: int, world_size: int, plans: dict) -> dict:
     from diffusers import DiffusionPipeline
 
     from compactfusion_xdit.models import tiny
-    from compactfusion_xdit.session import CompressionSession
+    from compactfusion_xdit.core.session import CompressionSession
 
     results = {}
     for model, plan in plans.items():
@@ -313,7 +313,7 @@ def test_xfuser_command_runs_step_parallel_and_matches_the_diffusers_run(runs, t
     import numpy as np
 
     script = shutil.which("xfuser")
-    command = [script] if script else [sys.executable, "-m", "compactfusion_xdit.cli"]
+    command = [script] if script else [sys.executable, "-m", "compactfusion_xdit.cli.launcher"]
     argv = ["--model", "tiny-flux", "--step_parallel_degree", "2", "--step_parallel_warmup", "1",
             "--compression", "residual-int4", "--height", "64", "--width", "64", "--num_inference_steps", str(STEPS),
             "--prompt", "a cat", "--max_sequence_length", "16", "--seed", "42", "--output_type", "latent",
@@ -331,7 +331,7 @@ def test_xfuser_command_runs_step_parallel_and_matches_the_diffusers_run(runs, t
 
 
 def worker_latents(rank: int, world_size: int, argv: list[str]):
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
     result = worker.run_pipeline(worker.parse_args(argv))
     return result.output.float() if result.is_output_rank else None

@@ -1,7 +1,7 @@
 """Compressed Ulysses all-to-alls on real xfuser 0.7.0 (CPU ranks, gloo), and the request/step lifecycle.
 
 The built-in tiny Flux (2 double + 2 single blocks, 4 heads of 16), Ulysses 2, fp32, seed 42, 3 steps, compression
-warm-up 1 (step 0 raw, steps 1-2 coded). Every launch goes through ``compactfusion_xdit.worker``.
+warm-up 1 (step 0 raw, steps 1-2 coded). Every launch goes through ``compactfusion_xdit.rank.worker``.
 Fidelity is the PSNR of the final latents against the uncompressed Ulysses run, with peak = max - min
 of the reference latents: a correctness bound on tiny-flux, and the residual-vs-plain comparison on
 the trained digits-flux (20 steps), whose sharp attention lets the codecs differ.
@@ -70,14 +70,14 @@ def int4_wire_nbytes(rows: int, cols: int) -> int:
 
 def worker_run(rank: int, world_size: int, argv: list[str]):
     """One worker run; the output rank returns (latents, stats), the others None."""
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
     result = worker.run_pipeline(worker.parse_args(argv))
     return (result.output.float(), result.stats) if result.is_output_rank else None
 
 
 def worker_main(rank: int, world_size: int, argv: list[str]) -> int:
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
     return worker.main(argv)
 
@@ -89,9 +89,10 @@ def requests_in_one_process(rank: int, world_size: int, argv: list[str], request
     a cache check, per request."""
     import torch.distributed as dist
 
-    from compactfusion_xdit import patches, worker
+    from compactfusion_xdit import patches
+    from compactfusion_xdit.rank import worker
     from compactfusion_xdit.comm import communicator
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     args = worker.parse_args(argv)
     loaded = worker.load_pipeline(args)
@@ -165,8 +166,9 @@ def in_one_process(flux):
 
 def compressions_in_turn(rank: int, world_size: int, argv: list[str], names: list[str]):
     """Load once; one request per compression name (warm-up 1); the output rank returns the latents."""
-    from compactfusion_xdit import patches, worker
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit import patches
+    from compactfusion_xdit.rank import worker
+    from compactfusion_xdit.core.config import CompressionConfig
 
     args = worker.parse_args(argv)
     loaded = worker.load_pipeline(args)
@@ -329,7 +331,7 @@ class _FakeUsp:
 
 def _exchange(compression: str):
     from compactfusion_xdit.patches.ulysses import WRAPPED, UlyssesExchange
-    from compactfusion_xdit.session import CompressionSession
+    from compactfusion_xdit.core.session import CompressionSession
 
     box: list = []
     usp = _FakeUsp(box)
@@ -367,11 +369,11 @@ def test_float_payloads_name_their_roles():
 def test_nothing_is_replaced_unless_the_ulysses_path_compresses():
     from compactfusion_xdit.patches import ulysses
     from compactfusion_xdit.patches._attrs import AttributePatcher
-    from compactfusion_xdit.session import CompressionSession
+    from compactfusion_xdit.core.session import CompressionSession
 
     patcher = AttributePatcher()
     assert ulysses.apply(patcher, CompressionSession("none")) is None
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     assert ulysses.apply(patcher, CompressionSession(CompressionConfig.parse("residual-int4", paths="ring"))) is None
     assert len(patcher) == 0

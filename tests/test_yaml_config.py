@@ -13,11 +13,13 @@ import sys
 import pytest
 import torch
 
-from compactfusion_xdit import cli, flag_table, yaml_config
-from compactfusion_xdit.config import CompressionConfig
+from compactfusion_xdit.cli import launcher, plan
+from compactfusion_xdit.cli import flag_table
+from compactfusion_xdit.cli import yaml_config
+from compactfusion_xdit.core.config import CompressionConfig
 from compactfusion_xdit.models import tiny
-from compactfusion_xdit.residual import MessageKind, ResidualState
-from compactfusion_xdit.schedule import format_schedule, parse_schedule
+from compactfusion_xdit.core.residual import MessageKind, ResidualState
+from compactfusion_xdit.core.schedule import format_schedule, parse_schedule
 from compactfusion_xdit.testing import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +49,7 @@ def write(tmp_path, text: str) -> str:
 
 def error_line(argv: list[str], capsys) -> str:
     """Run the launcher in this process; it must refuse with exit 2 and one ``xfuser: error:`` line."""
-    assert cli.main(argv) == 2
+    assert launcher.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("xfuser: error: "), err
     return err[0]
@@ -59,9 +61,9 @@ def error_line(argv: list[str], capsys) -> str:
 
 
 def test_xfuser_flag_snapshot_matches_the_installed_xfuser():
-    from compactfusion_xdit.xfuser_flags import XFUSER_FLAGS
+    from compactfusion_xdit.cli.xfuser_flags import XFUSER_FLAGS
 
-    assert flag_table.live_xfuser_flags() == XFUSER_FLAGS  # regenerate: python -m compactfusion_xdit.flag_table
+    assert flag_table.live_xfuser_flags() == XFUSER_FLAGS  # regenerate: python -m compactfusion_xdit.cli.flag_table
 
 
 def test_every_flag_of_the_command_is_a_key_of_exactly_one_section():
@@ -86,7 +88,7 @@ def test_every_flag_of_the_command_is_a_key_of_exactly_one_section():
 def test_every_shipped_config_passes_a_dry_run(path, env_cache, capsys):
     import yaml
 
-    assert cli.main(["--config", path, "--dry-run"]) == 0
+    assert launcher.main(["--config", path, "--dry-run"]) == 0
     out = capsys.readouterr().out
     data = yaml.safe_load(open(path))
     assert out.startswith("xfuser: dry run, nothing launched")
@@ -106,7 +108,8 @@ def test_a_placeholder_model_path_stops_a_real_launch(env_cache, capsys):
 
 
 def test_the_dry_run_prints_xfusers_groups_for_a_hybrid_layout(env_cache, capsys):
-    assert cli.main(["--model", "tiny-flux", "--ulysses_degree", "2", "--ring_degree", "2", "--use_cfg_parallel",
+    # SD3: Flux has no CFG branch, and the dry run runs the same usage checks as a launch
+    assert launcher.main(["--model", "tiny-sd3", "--ulysses_degree", "2", "--ring_degree", "2", "--use_cfg_parallel",
                      "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "  ranks        8 (" in out
@@ -128,14 +131,14 @@ def test_command_line_flags_replace_the_files_settings(tmp_path):
                                     "--compression=residual-int2"])
     assert argv.count("--prompt") + sum(a.startswith("--prompt=") for a in argv) == 1  # one request, not two
     assert not any(a.startswith("--num_inference_steps=") for a in argv)
-    ns = flag_table.fast_parser().parse_args(cli._normalise_flag_names(argv))
+    ns = flag_table.fast_parser().parse_args(plan.normalise_flag_names(argv))
     assert (ns.num_inference_steps, ns.prompt, ns.compression) == (3, ["a", "dog"], "residual-int2")
     assert (ns.ulysses_degree, ns.height, ns.compression_no_ef) == (2, 64, True)  # from the file
 
 
 def test_a_dry_run_shows_the_overridden_values(env_cache, capsys):
     path = os.path.join(REPO, "configs", "tiny-flux-cpu.yaml")
-    assert cli.main(["--config", path, "--num_inference_steps", "3", "--compression", "residual-1bit", "--dry-run"]) == 0
+    assert launcher.main(["--config", path, "--num_inference_steps", "3", "--compression", "residual-1bit", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "64x64, 3 steps" in out and "compression  residual-1bit" in out
 
@@ -186,7 +189,7 @@ def test_missing_config_file(tmp_path, capsys):
 
 def test_config_errors_come_before_xfuser_is_imported(tmp_path, cache):
     path = write(tmp_path, "model: tiny-flux\nparallel: {ulysses_degree: 2, ring_degre: 2}\n")
-    code = ("import sys; from compactfusion_xdit import cli; rc = cli.main(sys.argv[1:]); "
+    code = ("import sys; from compactfusion_xdit.cli import launcher, plan; rc = launcher.main(sys.argv[1:]); "
             "print('xfuser imported' if 'xfuser' in sys.modules else 'xfuser not imported'); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "--config", path], cwd=REPO, capture_output=True, text=True,
                           timeout=QUICK, env={**os.environ, "CFX_CACHE": cache})
@@ -243,7 +246,7 @@ def test_a_raw_step_seeds_the_cache_only_before_a_residual_step():
 
 
 def test_no_ef_applies_to_the_schedules_residual_names():
-    from compactfusion_xdit import args
+    from compactfusion_xdit.cli import flags as args
 
     ns = flag_table.fast_parser().parse_args(["--compression-schedule", "layers=0:residual-int8", "--compression-no-ef"])
     config = args.compression_config(ns)
@@ -338,7 +341,7 @@ def test_every_message_uses_the_scheduled_codec_and_its_exact_bytes(exchanges):
 
 def xfuser_command() -> list[str]:
     script = shutil.which("xfuser")
-    return [script] if script else [sys.executable, "-m", "compactfusion_xdit.cli"]
+    return [script] if script else [sys.executable, "-m", "compactfusion_xdit.cli.launcher"]
 
 
 def test_the_cpu_demo_config_runs_end_to_end_with_a_schedule(cache, tmp_path):
@@ -376,7 +379,8 @@ def recorded_schedule_run(rank: int, world_size: int, argv: list[str]):
     """One request of the worker with every Ulysses all-to-all recorded: (key, chunk, step, kind)."""
     import torch.distributed as dist
 
-    from compactfusion_xdit import patches, worker
+    from compactfusion_xdit import patches
+    from compactfusion_xdit.rank import worker
     from compactfusion_xdit.comm import communicator
 
     args = worker.parse_args(argv)

@@ -18,7 +18,7 @@ METHOD_PATHS = {"ulysses": "ulysses", "ring": "ring", "ulysses-ring": "ulysses,r
 
 
 def _parser_flags() -> set[str]:
-    from compactfusion_xdit import args as cli_args
+    from compactfusion_xdit.cli import flags as cli_args
 
     parser = argparse.ArgumentParser(add_help=False)
     cli_args.add_compactfusion_args(parser)

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from compactfusion_xdit.rank import traffic as rank_traffic
+
 
 def _wait_for(path: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -33,10 +35,8 @@ def _wait_for(path: str, timeout: float) -> None:
 
 
 def _begin_request(session) -> None:
-    from compactfusion_xdit import worker
-
-    begin = getattr(worker, "begin_request_state", None) or getattr(worker, "_begin_request")
-    begin(session)
+    if session is not None:
+        session.begin_request(reset_stats=True)
 
 
 def _image_array(out) -> np.ndarray | None:
@@ -86,7 +86,9 @@ def _reinit_world() -> None:
 def _one_run(argv: list[str], spec: dict, first_phase: int):
     import torch.distributed as dist
 
-    from compactfusion_xdit import outputs, patches, worker
+    from compactfusion_xdit import patches
+    from compactfusion_xdit.rank import outputs
+    from compactfusion_xdit.rank import worker
 
     args = worker.parse_args(argv)
     loaded = worker.load_pipeline(args)
@@ -113,9 +115,9 @@ def _one_run(argv: list[str], spec: dict, first_phase: int):
             out = worker.call_pipeline(loaded, args)
             dist.barrier()
             latencies.append(time.perf_counter() - start)
-            counted = worker.compression_traffic(session)
+            counted = rank_traffic.compression_traffic(session)
             if session is not None:
-                session.state.reset()
+                session.end_request()
             if i == 1 or spec["requests"] == 0:
                 traffic = {k: counted[k] for k in ("raw_bytes", "sent_bytes", "paths")}
                 if phase == first_phase:
@@ -129,7 +131,7 @@ def _serve_items(loaded, args, session, spec, phase, rank, items, record):
     """Each item once (fidelity runs): images per item, traffic of the first."""
     from xfuser.core.distributed import get_runtime_state
 
-    from compactfusion_xdit import worker
+    from compactfusion_xdit.rank import worker
 
     if rank == 0:
         open(os.path.join(spec["workdir"], f"phase{phase}.want"), "w").close()
@@ -141,9 +143,9 @@ def _serve_items(loaded, args, session, spec, phase, rank, items, record):
         start = time.perf_counter()
         out = worker.call_pipeline(loaded, args, seed=item.get("seed"), **overrides)
         latencies.append(time.perf_counter() - start)
-        counted = worker.compression_traffic(session)
+        counted = rank_traffic.compression_traffic(session)
         if session is not None:
-            session.state.reset()
+            session.end_request()
         if traffic is None:
             traffic = {k: counted[k] for k in ("raw_bytes", "sent_bytes", "paths")}
         images.append(_image_array(out))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from compactfusion_xdit import envs
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -188,9 +190,7 @@ def _fused_supports(name: str, x: torch.Tensor) -> bool:
 
 
 def _force_torch() -> bool:
-    import os
-
-    return os.environ.get("CFX_FORCE_TORCH", "0") not in ("", "0")
+    return envs.flag(envs.FORCE_TORCH)
 
 
 def _interpreting() -> bool:

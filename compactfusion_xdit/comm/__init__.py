@@ -5,8 +5,9 @@
     y = comm.all_to_all(("ulysses", layer, "qkv"), x)
 """
 
-from compactfusion_xdit.comm.communicator import FALLBACK_TAG_OFFSET, CompressedCommunicator, link_key
+from compactfusion_xdit.comm.communicator import CompressedCommunicator
+from compactfusion_xdit.comm.wire import FALLBACK_TAG_OFFSET, link_key
 from compactfusion_xdit.comm.pending import Pending
-from compactfusion_xdit.comm.ring import RingExchange
+from compactfusion_xdit.comm.ring_exchange import RingExchange
 
 __all__ = ["CompressedCommunicator", "Pending", "RingExchange", "FALLBACK_TAG_OFFSET", "link_key"]

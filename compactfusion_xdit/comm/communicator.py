@@ -9,7 +9,7 @@ of its ends, so caches are per peer and the same key means the same link on ever
     ring_exchange:             (*key, tensor_index, origin, "ring")
 
 Message sizes are fixed for a given (step, shape, dtype), so collectives keep equal splits
-(see `compactfusion_xdit.residual` for the RAW/SEED/CODED rules). A CODED message whose flag
+(see `compactfusion_xdit.core.residual` for the RAW/SEED/CODED rules). A CODED message whose flag
 says the raw tensor follows (new key, reset, shape change, NaN/Inf at the sender) is completed by
 a side message between exactly the pair involved (all-gather: a broadcast from the flagged rank,
 since every rank is its receiver). Side messages use tag ``tag + FALLBACK_TAG_OFFSET (+ part)``.
@@ -35,29 +35,8 @@ import torch.distributed as dist
 
 from compactfusion_xdit.comm import p2p
 from compactfusion_xdit.comm.pending import Pending
-from compactfusion_xdit.residual import FLAG_RAW_FOLLOWS, MessageKind, ResidualState, fallback_follows, path_of
-
-#: Side messages (raw fallbacks) use the caller's tag plus this, so they never match a payload.
-FALLBACK_TAG_OFFSET = 1 << 20
-
-
-def link_key(key: Hashable, *ends: Hashable) -> tuple:
-    """The channel key of one link: the caller's key (a tuple) extended with its ends."""
-    if not isinstance(key, tuple):
-        raise ValueError(f"channel key must be a tuple starting with a path name, got {key!r}")
-    return (*key, *ends)
-
-
-def finite_rows(x2: torch.Tensor) -> list[bool]:
-    """`residual.is_finite` per row of a 2-D tensor, with one host sync."""
-    return torch.isfinite(x2.sum(dim=1, dtype=torch.float32)).tolist()
-
-
-def finite_rows_each(tensors: Sequence[torch.Tensor], rows: int) -> list[list[bool]]:
-    """`finite_rows` of each tensor viewed as `rows` rows, with one host sync for all of them."""
-    sums = torch.stack([t.reshape(rows, -1).sum(dim=1, dtype=torch.float32) for t in tensors])
-    return torch.isfinite(sums).tolist()
-
+from compactfusion_xdit.comm.wire import FALLBACK_TAG_OFFSET, BufferPool, finite_rows, finite_rows_each, link_key
+from compactfusion_xdit.core.residual import FLAG_RAW_FOLLOWS, MessageKind, ResidualState, fallback_follows, path_of
 
 class CompressedCommunicator:
     """Compressed all-to-all, all-gather, ring exchange and point-to-point over a process group.
@@ -69,7 +48,7 @@ class CompressedCommunicator:
     def __init__(self, state: ResidualState, group: dist.ProcessGroup | None = None) -> None:
         self.state = state
         self.group = group
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self.buffers = BufferPool()
 
     # ----- helpers ------------------------------------------------------------------------------
     def _group(self, group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -82,16 +61,9 @@ class CompressedCommunicator:
         """Global ranks of the group (index = group rank) and this process's group rank."""
         return dist.get_process_group_ranks(group), dist.get_rank(group)
 
-    def _buffer(self, key: Hashable, role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        slot = (key, role)
-        buf = self._buffers.get(slot)
-        if buf is None or tuple(buf.shape) != tuple(shape) or buf.device != device:
-            buf = self._buffers[slot] = torch.empty(shape, dtype=torch.uint8, device=device)
-        return buf
-
     def release_buffers(self) -> None:
         """Free the pooled wire buffers (they are rebuilt on demand)."""
-        self._buffers.clear()
+        self.buffers.release()
 
     # ----- all-to-all -----------------------------------------------------------------------------
     def all_to_all(self, key: Hashable, x: torch.Tensor, group: dist.ProcessGroup | None = None,
@@ -168,8 +140,8 @@ class CompressedCommunicator:
         peers = [p for p in range(world) if p != me]
         wire_sizes = [state.wire_nbytes(shape, dtype, key) for key, shape in zip(keys, chunk_shapes)]
         starts = [sum(wire_sizes[:i]) for i in range(len(keys))]
-        send = self._buffer(tuple(keys), "a2a-send", (world, sum(wire_sizes)), xs[0].device)
-        recv = self._buffer(tuple(keys), "a2a-recv", (world, sum(wire_sizes)), xs[0].device)
+        send = self.buffers.get(tuple(keys), "a2a-send", (world, sum(wire_sizes)), xs[0].device)
+        recv = self.buffers.get(tuple(keys), "a2a-recv", (world, sum(wire_sizes)), xs[0].device)
         fallback_to = []  # (key index, peer): the raw chunk follows point-to-point
         finite = finite_rows_each(xs, world)
         for i, (key, x, shape, n, start, ok) in enumerate(zip(keys, xs, chunk_shapes, wire_sizes, starts, finite)):
@@ -237,8 +209,8 @@ class CompressedCommunicator:
             return pending if async_op else pending.wait()
 
         n = state.wire_nbytes(tuple(x.shape), x.dtype, key)
-        send = self._buffer(key, "ag-send", (n,), x.device)
-        recv = self._buffer(key, "ag-recv", (world, n), x.device)
+        send = self.buffers.get(key, "ag-send", (n,), x.device)
+        recv = self.buffers.get(key, "ag-recv", (world, n), x.device)
         msg = state.encode(link_key(key, ranks[me], "all"), x, out=send)
         fell_back = msg.fallback is not None
         state.record(path, kind, (world - 1) * nbytes, (world - 1) * (n + (nbytes if fell_back else 0)), world - 1)
@@ -346,7 +318,7 @@ class CompressedCommunicator:
             for origin, (k, v) in comm.ring_exchange(("ring", layer), (k_local, v_local)):
                 out, lse = merge(out, lse, *attention(q, k, v))
         """
-        from compactfusion_xdit.comm.ring import RingExchange
+        from compactfusion_xdit.comm.ring_exchange import RingExchange
 
         return RingExchange(self, key, tuple(tensors), self._group(group), tag)
 

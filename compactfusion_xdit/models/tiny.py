@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from compactfusion_xdit import envs
+
 #: Bump when a builder changes, so cached folders of older builds are not reused.
 MODEL_VERSION = 1
 #: Seed of every weight initialisation (components are built in a fixed order under it).
@@ -169,7 +171,7 @@ def build_pipeline(name: str, dtype: torch.dtype = torch.float32):
 
 def default_cache_dir() -> str:
     """``$CFX_CACHE`` if set, else ``~/.cache/compactfusion_xdit``."""
-    return os.environ.get("CFX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "compactfusion_xdit")
+    return envs.get(envs.CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "compactfusion_xdit")
 
 
 def cached_path(name: str, cache_dir: str | None = None) -> str:

@@ -18,7 +18,7 @@ channel keys ``("patch", layer, "k"|"v")`` (the communicator adds the origin ran
 raw and is counted as raw ``patch`` traffic. The session's step is set to this mode's step.
 
 `PatchParallel` is the model-independent part (slicing, the exchange, steps); the hooks that put it
-into diffusers/xfuser models live in `compactfusion_xdit.patches.patch_parallel`:
+into diffusers/xfuser models live in `compactfusion_xdit.patches.patch_mode_hooks`:
 
     mode = PatchParallel(degree=2, mode="displaced", warmup=1, group=None, session=None)
     handle = install_on(pipe, mode)          # any diffusers or xfuser Flux / SD3 / PixArt pipeline
@@ -139,7 +139,7 @@ class PatchParallel:
         out = torch.empty((self.degree, *x.shape), dtype=x.dtype, device=x.device)
         dist.all_gather_into_tensor(out, x.unsqueeze(0), group=self._group())
         if self.session is not None:
-            from compactfusion_xdit.residual import MessageKind
+            from compactfusion_xdit.core.residual import MessageKind
 
             nbytes = (self.degree - 1) * x.numel() * x.element_size()
             self.session.state.record(PATH, MessageKind.RAW, nbytes, nbytes, self.degree - 1)
@@ -209,7 +209,7 @@ def install(pipe: Any, args: Any, group: Any, session: Any = None):
 
 
 def install_on(pipe: Any, mode: PatchParallel):
-    """Hook `mode` into `pipe` (see `compactfusion_xdit.patches.patch_parallel.attach`)."""
+    """Hook `mode` into `pipe` (see `compactfusion_xdit.patches.patch_mode_hooks.attach`)."""
     from compactfusion_xdit.patches import patch_parallel as hooks
 
     return hooks.attach(pipe, mode)

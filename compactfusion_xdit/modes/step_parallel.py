@@ -315,7 +315,7 @@ class StepParallel:
     def _broadcast_latents(self, where: Round, x: torch.Tensor) -> None:
         """Rank 0's latents to every rank, in place. Residual-coded (one payload for all receivers,
         link ``("step", "latents", rank0, "all")``) except in the final window, which is raw."""
-        from compactfusion_xdit.residual import MessageKind, fallback_follows
+        from compactfusion_xdit.core.residual import MessageKind, fallback_follows
 
         group, src, leader = self._group(), self.ranks[0], self.rank == 0
         state = None if self.session is None else self.session.state

@@ -60,7 +60,7 @@ def install(compression_config: Any = None) -> None:
                     f"compression {compression_config.name!r} asked for, but no compression patch module "
                     f"({', '.join(COMPRESSION_PATCHES)}) exists in {__name__}; use --compression none"
                 )
-            from compactfusion_xdit.session import CompressionSession
+            from compactfusion_xdit.core.session import CompressionSession
 
             session = CompressionSession(compression_config)
             for module in modules:

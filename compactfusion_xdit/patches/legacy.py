@@ -31,7 +31,7 @@ import torch.distributed
 from compactfusion_xdit.patches import legacy_ring
 from compactfusion_xdit.patches._attrs import AttributePatcher
 from compactfusion_xdit.patches.ulysses import ExchangeKeys
-from compactfusion_xdit.residual import CODED_DTYPES
+from compactfusion_xdit.core.residual import CODED_DTYPES
 
 
 class KeyedDistributed:

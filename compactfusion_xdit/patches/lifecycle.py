@@ -21,7 +21,7 @@ Cache checks (``config.check``, ``--compression-check``): when a step ends (the 
 every rank compares its cache digests over the world group (`StepTracker.check_caches`); the
 worker adds one more check after the run and reads the outcome from ``session.lifecycle``. That
 final check also compares, key by key, the checksum every sender and receiver recorded after each
-message (`compactfusion_xdit.cache_history`): every step of every path, with no collective during
+message (`compactfusion_xdit.core.cache_history`): every step of every path, with no collective during
 the request. With PipeFusion (pipeline degree > 1) that history is the per-step check: the stages
 are pipelined, so a collective at one stage's step boundary would wait for a stage that is itself
 waiting for the first one's next patch (observed: deadlock), and stage-to-stage messages are in
@@ -50,9 +50,9 @@ class StepTracker:
         self.last_timestep: torch.Tensor | None = None
         self.checks = 0  # cache checks run (every rank the same number)
         self.mismatches: list[str] = []  # what the checks found (empty: caches consistent)
-        self.history = None  # per-message cache history (compactfusion_xdit.cache_history) when checking
+        self.history = None  # per-message cache history (compactfusion_xdit.core.cache_history) when checking
         if getattr(session.config, "check", False):
-            from compactfusion_xdit.cache_history import CacheHistory
+            from compactfusion_xdit.core.cache_history import CacheHistory
 
             self.history = CacheHistory(session.state)
 
@@ -90,11 +90,12 @@ class StepTracker:
         return get_pipeline_parallel_world_size() <= 1
 
     def begin_request(self) -> None:
+        """Called by `CompressionSession.begin_request`: step counting and cache checks start afresh."""
         self.calls = 0
         self.last_timestep = None
+        self.reset_checks()
         if self.history is not None:
             self.history.clear()
-        self.session.begin_request()
 
     def before_backbone(self, timestep: Any, continuing_patch: bool) -> None:
         """Called before an outermost backbone call; advances the step when a new one starts."""
@@ -171,7 +172,7 @@ def _plain_diffusers_backbones() -> list[type]:
 
 def _begin_request_wrapper(original, tracker: StepTracker):
     def set_parameters(self, *args, **kwargs):
-        tracker.begin_request()
+        tracker.session.begin_request()
         return original(self, *args, **kwargs)
 
     set_parameters.__wrapped__ = original

@@ -105,7 +105,7 @@ class PipeFusionChannels:
 
     def record_raw(self, key: tuple, tensor: torch.Tensor) -> None:
         """A raw send through xfuser's own path: counted like the communicator counts RAW."""
-        from compactfusion_xdit.residual import MessageKind
+        from compactfusion_xdit.core.residual import MessageKind
 
         if not isinstance(tensor, torch.Tensor):
             return  # not a tensor (xfuser 0.7.0's Flux sync loop can pass None): xfuser's own send decides

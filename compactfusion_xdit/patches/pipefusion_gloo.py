@@ -15,7 +15,7 @@ completes only once the peer has posted the matching receive, which breaks three
   exchange); it fails on a CPU-only build. Replacement: a no-op.
 
 Receive buffers are allocated in ``runtime_config.dtype`` (fp16 by default): the worker sets it to
-the model's dtype before the run (``compactfusion_xdit.worker.run_pipeline``).
+the model's dtype before the run (``compactfusion_xdit.rank.worker.run_pipeline``).
 """
 
 from __future__ import annotations

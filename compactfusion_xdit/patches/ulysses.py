@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from compactfusion_xdit.patches._attrs import AttributePatcher
-from compactfusion_xdit.residual import CODED_DTYPES
+from compactfusion_xdit.core.residual import CODED_DTYPES
 
 #: Names of the wrapped functions in ``xfuser.model_executor.layers.usp``.
 WRAPPED = ("_ft_c_input_all_to_all", "_combined_qkv_all_to_all", "_combined_gqa_qkv_all_to_all", "_ft_c_output_all_to_all")

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from compactfusion_xdit import envs
+
 FUSED_CODECS = ("int8", "int4", "int2", "1bit")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -41,7 +43,7 @@ def supports(codec_name: str, x: torch.Tensor) -> bool:
     `x` is the tensor being coded, the cache, or (for a plain decode) the payload's data tensor:
     only its device and rank matter here; the entry points check dtypes.
     """
-    if os.environ.get("CFX_FORCE_TORCH", "0") not in ("", "0"):
+    if envs.flag(envs.FORCE_TORCH):
         return False
     if codec_name not in FUSED_CODECS or x.dim() != 2:
         return False

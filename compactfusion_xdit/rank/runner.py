@@ -2,7 +2,7 @@
 
     # before:  xdit --model FLUX.1-dev --ulysses_degree 2 --prompt "a cat"
     # after:   cfx-xdit --model FLUX.1-dev --ulysses_degree 2 --prompt "a cat" --compression residual-int4
-    torchrun --nproc_per_node 2 -m compactfusion_xdit.runner --model /models/flux --ulysses_degree 2 ...
+    torchrun --nproc_per_node 2 -m compactfusion_xdit.rank.runner --model /models/flux --ulysses_degree 2 ...
 
 Takes xfuser 0.7.0's runner flags unchanged (``xFuserArgs.add_runner_args``) plus ``--compression*``,
 ``--prompt_file`` (or repeated ``--prompt``) and ``--dtype``, and serves the same
@@ -21,25 +21,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
-import time
-from typing import Any
 
 import torch
 
-from compactfusion_xdit import args as cli_args
-from compactfusion_xdit import outputs, patches, request_list
+from compactfusion_xdit import envs, patches
+from compactfusion_xdit.cli import checks, ports
+from compactfusion_xdit.cli import flags as cli_args
+from compactfusion_xdit.cli.checks import UsageError
+from compactfusion_xdit.models import registry
 from compactfusion_xdit.patches import cpu_gloo
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-class RunnerError(ValueError):
-    """A setting the user can fix; the message says what to change."""
-
+from compactfusion_xdit.rank import outputs, serving, worker
+from compactfusion_xdit.rank import requests as request_list
+from compactfusion_xdit.reliability import orphans
 
 def build_parser() -> argparse.ArgumentParser:
     """xfuser's runner parser (``xFuserArgs.add_runner_args``) plus our flags."""
@@ -56,39 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_flags(ns: argparse.Namespace) -> Any:
-    """The `CompressionConfig`; RunnerError for combinations we refuse."""
-    try:
-        config = cli_args.compression_config(ns)
-    except ValueError as err:
-        raise RunnerError(str(err)) from None
-    if config.enabled and ns.use_fp8_comms:
-        raise RunnerError(f"--use_fp8_comms and --compression {config.name} both change the Ulysses exchange; "
-                          "drop one of them")
-    if cli_args.compile_conflict(ns):
-        raise RunnerError(cli_args.compile_conflict(ns))
-    return config
-
-
 def resolve_model(model: str, dtype: torch.dtype | None) -> str:
     """The registry key for ``--model``: a registered name, a built-in tiny model or a local folder."""
-    from compactfusion_xdit.models import tiny
     from compactfusion_xdit.patches import runner_models
 
-    registry = runner_models.registry()
-    if model in tiny.BUILTIN_MODELS:
-        model = tiny.materialize(model)
-    elif model in registry and dtype is None:
+    registered = runner_models.registry()
+    if model in registry.BUILTIN_MODELS:
+        model = registry.resolve(model)
+    elif model in registered and dtype is None:
         return model
     if not os.path.isdir(model):
-        if model in registry:
-            raise RunnerError(f"--dtype applies to local folders only; drop it for the registered model {model!r}")
-        raise RunnerError(f"--model {model!r} is neither a model registered with xfuser's runner (e.g. FLUX.1-dev, "
+        if model in registered:
+            raise UsageError(f"--dtype applies to local folders only; drop it for the registered model {model!r}")
+        raise UsageError(f"--model {model!r} is neither a model registered with xfuser's runner (e.g. FLUX.1-dev, "
                           f"SD3.5, Wan2.1-T2V, HunyuanVideo, PixArt-alpha) nor a local diffusers folder")
     try:
         return runner_models.register_local_folder(model, dtype)
     except runner_models.LocalModelError as err:
-        raise RunnerError(str(err)) from None
+        raise UsageError(str(err)) from None
 
 
 def _rank() -> int:
@@ -97,29 +77,28 @@ def _rank() -> int:
 
 def run(argv: list[str]) -> int:
     """Parse, install, load, serve every request, write outputs; the exit status."""
-    from compactfusion_xdit import worker
     from compactfusion_xdit.patches import runner_models
     from compactfusion_xdit.patches._attrs import AttributePatcher
 
     ns = build_parser().parse_args(argv)
-    config = check_flags(ns)
+    config = checks.compression_config(ns)
     try:
         requests = request_list.listed_requests(argv, ns.prompt_file)
     except request_list.RequestError as err:
-        raise RunnerError(str(err)) from None
+        raise UsageError(str(err)) from None
     patches.install(config)  # before xfuser builds its config or the model
-    ns.model = resolve_model(ns.model, DTYPES.get(ns.dtype) if ns.dtype else None)
+    ns.model = resolve_model(ns.model, worker.DTYPES.get(ns.dtype) if ns.dtype else None)
     if requests:
         ns.prompt = [requests[0].prompt]  # xfuser validates that a prompt exists
     runtime = AttributePatcher()
     runner_models.apply_cpu(runtime)
     try:
-        return _serve(vars(ns), requests, worker)
+        return _serve(vars(ns), requests)
     finally:
         runtime.restore()
 
 
-def _serve(config: dict, requests: list | None, worker) -> int:
+def _serve(config: dict, requests: list | None) -> int:
     from xfuser.core.distributed import get_world_group
     from xfuser.runner import xFuserModelRunner
 
@@ -127,33 +106,28 @@ def _serve(config: dict, requests: list | None, worker) -> int:
     input_args = runner.preprocess_args(config)
     runner.initialize(input_args)
     model = runner.model
-    rank = get_world_group().rank
-    outputs.quiet_progress(model.pipe, rank)
+    world = get_world_group()
+    outputs.quiet_progress(model.pipe, world.rank)
     session = patches.session()
     base = request_list.Request(prompt=input_args.get("prompt"), height=input_args.get("height"),
                                 width=input_args.get("width"), num_inference_steps=input_args.get("num_inference_steps"),
                                 seed=input_args.get("seed"))
     requests = [r.with_defaults(base.__dict__) for r in requests] if requests else [base]
-    results = []
-    for request in requests:
+
+    def run_one(request):
         args = copy.deepcopy(input_args)
         args.update(request.overrides())
         args["seed"] = request.seed
-        worker.begin_request_state(session)
-        start = time.perf_counter()
-        output = _run_request(runner, model, args)
-        elapsed = time.perf_counter() - start
-        traffic = worker.compression_traffic(session)
-        if session is not None:
-            session.state.reset()  # no cache entry outlives its request
-        results.append((request, output, elapsed, traffic))
-    if rank == get_world_group().world_size - 1:
-        for path in _write(model, results, config["output_directory"]):
+        return _run_request(runner, model, args)
+
+    served = serving.serve_requests(session, requests, run_one)
+    if world.rank == world.world_size - 1:
+        for path in _write(model, served, config["output_directory"]):
             print(f"wrote {path}")
-    if rank == 0:
-        raw, sent = sum(r[3]["raw_bytes"] for r in results), sum(r[3]["sent_bytes"] for r in results)
+    if world.rank == 0:
+        raw, sent = sum(s.traffic["raw_bytes"] for s in served), sum(s.traffic["sent_bytes"] for s in served)
         name = session.config.name if session is not None else "none"
-        print(outputs.summary_line(sum(r[2] for r in results), len(results), raw, sent, name), flush=True)
+        print(outputs.summary_line(sum(s.elapsed_s for s in served), len(served), raw, sent, name), flush=True)
     _cleanup(runner)
     return 0
 
@@ -170,25 +144,15 @@ def _run_request(runner, model, input_args: dict):
     return model._gather_dp_outputs(output)
 
 
-def _write(model, results: list, directory: str) -> list[str]:
-    written, stats = [], []
-    name = model.settings.output_name or "output"
-    for n, (request, output, elapsed, traffic) in enumerate(results):
-        stem = os.path.join(directory, (f"req{n:04d}_" if len(results) > 1 else "") + name)
-        files = []
-        if output is not None and output.images:
-            files = outputs.save_images(output.images, stem)
-        elif output is not None and output.videos:
-            for i, video in enumerate(output.videos):
-                files += outputs.save_video(video, f"{stem}_{i}", fps=model.settings.fps or 16)
-        written += files
-        stats.append({**request.__dict__, "elapsed_s": elapsed, **traffic,
-                      "outputs": [os.path.relpath(p, directory) for p in files]})
-    path = os.path.join(directory, "stats.json")
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"requests": stats, "video_backend": outputs.video_backend()}, f, indent=2, default=str)
-    return written + [path]
+def _write(model, served: list, directory: str) -> list[str]:
+    files = []
+    for s in served:
+        stats = {**s.request.__dict__, "elapsed_s": s.elapsed_s, **s.traffic, "video_backend": outputs.video_backend()}
+        videos = s.output is not None and not s.output.images and s.output.videos
+        items = None if s.output is None else (s.output.videos if videos else s.output.images)
+        files.append(outputs.RequestFiles("videos" if videos else "images", items, stats))
+    return outputs.write_request_files(files, directory, model.settings.output_name or "output",
+                                       fps=model.settings.fps or 16)
 
 
 def _cleanup(runner) -> None:
@@ -201,28 +165,23 @@ def _cleanup(runner) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m compactfusion_xdit.runner`` (one rank)."""
+    """Entry point of ``python -m compactfusion_xdit.rank.runner`` (one rank)."""
+    orphans.exit_with_parent()  # this rank ends when torchrun (or the launcher) dies
     argv = list(sys.argv[1:] if argv is None else argv)
     if not os.environ.get("RANK"):  # like xfuser.runner: a single process without torchrun
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(ports.free_port()))
     try:
         return run(argv)
-    except RunnerError as err:
+    except UsageError as err:
         print(f"cfx-xdit: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # one line for users; CFX_DEBUG=1 shows the traceback
-        if os.environ.get("CFX_DEBUG"):
+        if envs.flag(envs.DEBUG):
             raise
         print(f"cfx-xdit: error (rank {_rank()}): {type(err).__name__}: {err}  [set CFX_DEBUG=1 for the traceback]",
               file=sys.stderr)
         return 1
-
-
-def _free_port() -> int:
-    from compactfusion_xdit.testing import free_port
-
-    return free_port()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ import signal
 import sys
 from typing import Any
 
-ENV = "CFX_FAULT"
+from compactfusion_xdit import envs
+
+ENV = envs.FAULT
 KINDS = ("exit", "raise", "freeze")
 EXIT_STATUS = 17
 
@@ -74,7 +76,7 @@ class StepFault:
 
 def install(pipe: Any, rank: int, spec: str | None = None) -> StepFault | None:
     """Wrap ``pipe.scheduler.step`` per `spec` (default: the ``CFX_FAULT`` variable); None when unset."""
-    spec = os.environ.get(ENV, "") if spec is None else spec
+    spec = envs.get(ENV) if spec is None else spec
     if not spec:
         return None
     hook = StepFault(Fault.parse(spec), rank)

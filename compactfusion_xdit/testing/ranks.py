@@ -18,22 +18,17 @@ import importlib
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
+from compactfusion_xdit.cli.ports import free_port
+
 
 class RankFailure(RuntimeError):
     """One or more ranks failed or the launch timed out."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_all(procs) -> None:
@@ -87,7 +82,7 @@ def run_ranks(
                 renv.update(env)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "compactfusion_xdit.testing", spec_path, os.path.join(tmp, f"out{rank}.pt")],
+                    [sys.executable, "-m", "compactfusion_xdit.testing.ranks", spec_path, os.path.join(tmp, f"out{rank}.pt")],
                     env=renv,
                     stdout=log,
                     stderr=subprocess.STDOUT,

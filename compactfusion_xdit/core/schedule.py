@@ -17,7 +17,7 @@ from YAML, an integer or a list. Text form of a schedule: rules separated by ``;
 ``SELECTOR [SELECTOR ...]:CODEC`` with ``SELECTOR`` = ``steps=SET``, ``layers=SET`` or
 ``paths=a,b``; ``str(rule)`` writes it and `parse_schedule` reads it back.
 
-This module checks the structure only; `compactfusion_xdit.config` checks codec and path names.
+This module checks the structure only; `compactfusion_xdit.core.config` checks codec and path names.
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ from typing import Any, Hashable
 
 import torch
 
-from compactfusion_xdit.config import PATHS, CompressionConfig
-from compactfusion_xdit.schedule import layer_of
+from compactfusion_xdit.core.config import PATHS, CompressionConfig
+from compactfusion_xdit.core.schedule import layer_of
 
 #: dtypes the codecs code; every other dtype travels raw.
 CODED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -7,6 +7,7 @@ The xfuser patches hold one session; its lifecycle is driven from the denoising 
     session.set_step(i)                     # before denoising step i
     y = session.comm(group).all_to_all(("ulysses", layer, "qkv"), x)
     session.stats()                         # raw/sent bytes per path, caches held
+    session.end_request()                   # no cache outlives its request
 
 Knows nothing of xfuser: process groups come from the caller.
 """
@@ -18,8 +19,8 @@ from typing import Any
 import torch.distributed as dist
 
 from compactfusion_xdit.comm import CompressedCommunicator
-from compactfusion_xdit.config import CompressionConfig
-from compactfusion_xdit.residual import ResidualState
+from compactfusion_xdit.core.config import CompressionConfig
+from compactfusion_xdit.core.residual import ResidualState
 
 
 class CompressionSession:
@@ -41,17 +42,33 @@ class CompressionSession:
             comm = self._comms[group] = CompressedCommunicator(self.state, group)
         return comm
 
-    def begin_request(self) -> None:
-        """A new request: drop every cache and start at step 0 (stats keep accumulating)."""
+    def begin_request(self, reset_stats: bool = False) -> None:
+        """A new request: every cache dropped, step 0, the step tracker (`lifecycle`) restarted;
+        with `reset_stats` its traffic is counted afresh (else stats keep accumulating). The one
+        place a request begins: the patches, the modes and the request loops all call it."""
+        if reset_stats:
+            self.reset_stats()
         self.state.begin_request()
         self.requests += 1
+        if self.lifecycle is not None:
+            self.lifecycle.begin_request()
+
+    def end_request(self) -> None:
+        """The request is over: drop every cache (none outlives its request); stats are kept."""
+        self.state.reset()
 
     def abandon_request(self) -> None:
         """After a request failed part-way: drop every cache and the pooled wire buffers, so nothing
         of it reaches the next request (which starts with `begin_request` as usual)."""
-        self.state.reset()
+        self.end_request()
         for comm in self._comms.values():
             comm.release_buffers()
+
+    def reset_stats(self) -> None:
+        """Count traffic and cache checks afresh."""
+        self.state.reset_stats()
+        if self.lifecycle is not None:
+            self.lifecycle.reset_checks()
 
     def set_step(self, step: int) -> None:
         self.state.set_step(step)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from compactfusion_xdit import args as cli_args
-from compactfusion_xdit import flag_table
+from compactfusion_xdit.cli import flags as cli_args
+from compactfusion_xdit.cli import flag_table, plan, torchrun
 
 DRY_RUN_FLAGS = ("--dry-run", "--dry_run")
 
@@ -25,20 +25,13 @@ def split(argv: list[str]) -> tuple[list[str], bool]:
     return rest, len(rest) != len(argv)
 
 
-def _settings(argv: list[str]) -> argparse.Namespace:
+def settings(argv: list[str]) -> argparse.Namespace:
     """Every setting of the command line (defaults filled in), parsed like the ranks will."""
-    from compactfusion_xdit import cli
-
     try:
-        ns, _ = flag_table.fast_parser().parse_known_args(cli._normalise_flag_names(argv))
+        ns, _ = flag_table.fast_parser().parse_known_args(plan.normalise_flag_names(argv))
     except ValueError as err:
-        raise cli.LaunchError(str(err)) from None
+        raise plan.UsageError(str(err)) from None
     return ns
-
-
-def check_flags(argv: list[str]) -> None:
-    """LaunchError (one line) for a flag or value the ranks' parser would refuse."""
-    _settings(argv)
 
 
 def _groups(ns: argparse.Namespace) -> list[str]:
@@ -69,33 +62,31 @@ def _compression(ns: argparse.Namespace) -> list[str]:
 
 
 def report(argv: list[str]) -> str:
-    """The plan of a launch with these flags (LaunchError for settings a launch would refuse)."""
-    from compactfusion_xdit import cli
-
+    """The plan of a launch with these flags (UsageError for settings a launch would refuse)."""
     warnings = []
-    ns = cli.preparse(argv)
+    ns = plan.preparse(argv)
     check_model = True
     try:
-        model = cli.model_path(ns.model)
-    except cli.LaunchError as err:
+        model = plan.model_path(ns.model)
+    except plan.UsageError as err:
         if ns.model is None:
             raise
         check_model, model = False, ns.model
         warnings.append(f"warning: {err} (a real launch stops here; edit model: / --model)")
-    plan = cli.plan_launch(ns, check_model=check_model)
-    full = _settings(argv)
+    full = settings(argv)
+    launch = plan.plan_launch(ns, check_model=check_model, settings=full)
     prompt = full.prompt if isinstance(full.prompt, str) else " ".join(full.prompt)
     lines = [
         "xfuser: dry run, nothing launched",
         f"  model        {model}",
-        f"  ranks        {plan.world_size} ({cli._describe_degrees(ns)}); {plan.nnodes} node(s) x "
-        f"{plan.nproc_per_node}, rendezvous {plan.master_addr}",
+        f"  ranks        {launch.world_size} ({plan.describe_degrees(ns)}); {launch.nnodes} node(s) x "
+        f"{launch.nproc_per_node}, rendezvous {launch.master_addr}",
         *_groups(full),
         f"  input        {full.height}x{full.width}, {full.num_inference_steps} steps, seed {full.seed}, "
         f"prompt {prompt!r}",
         *_compression(ns),
         f"  output       {full.output_dir} ({full.output_type}), dtype {full.dtype or 'default'}",
-        "  command      " + shlex.join(cli.torchrun_command(plan, argv)),
+        "  command      " + shlex.join(torchrun.torchrun_command(launch, argv)),
         *warnings,
     ]
     return "\n".join(lines)

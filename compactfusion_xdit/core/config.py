@@ -10,7 +10,7 @@ Names: ``none``; ``<codec>`` or ``plain-<codec>`` (plain mode: the codec codes x
 ``residual-<codec>`` (residual mode with error feedback) and ``residual-<codec>-noef`` (without).
 ``<codec>`` is any name `compactfusion_xdit.codecs.get` accepts, user-registered codecs included.
 
-A schedule picks another name per message from its path, layer and step (`compactfusion_xdit.schedule`):
+A schedule picks another name per message from its path, layer and step (`compactfusion_xdit.core.schedule`):
 
     CompressionConfig.parse("residual-int4", schedule="steps=0-1:none; layers=8-:residual-1bit")
 """
@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from compactfusion_xdit.schedule import ScheduleRule, parse_schedule
+from compactfusion_xdit.core.schedule import ScheduleRule, parse_schedule
 
 #: The communication paths a config can switch on; a channel key's first element is one of these.
 PATHS = ("ulysses", "ring", "pipefusion", "legacy", "patch", "step")
@@ -86,7 +86,7 @@ class CompressionConfig:
     paths: the communication paths that compress; the others send raw.
     check: verify that sender and receiver caches stay bitwise equal (slow; for debugging).
     schedule: rules choosing another compression name per (path, layer, step); the first rule that
-        matches a message wins, the others use codec/mode above (`compactfusion_xdit.schedule`).
+        matches a message wins, the others use codec/mode above (`compactfusion_xdit.core.schedule`).
         Error feedback is one setting for every residual name of the config.
     """
 

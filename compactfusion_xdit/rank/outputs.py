@@ -1,8 +1,10 @@
 """What a run shows and writes: the step progress bar, image/video files, the closing summary line.
 
     outputs.quiet_progress(pipe, rank)                  # tqdm over denoising steps on rank 0 only
-    outputs.save_video(frames, "out/req0000", fps=16)   # -> "out/req0000.mp4" (or frames + .npy)
+    outputs.write_request_files([RequestFiles("images", images, stats)], "out", "image")
     print(outputs.summary_line(elapsed, requests, raw_bytes, sent_bytes))
+
+The one output writer of the worker (``xfuser``) and the drop-in runner (``cfx-xdit``).
 
 Video: an mp4 (H.264) when PyAV (``pip install av``) is importable, else one PNG per frame in a
 folder plus the frames as ``.npy`` (uint8, frames x height x width x 3). `video_backend()` says which.
@@ -10,6 +12,8 @@ folder plus the frames as ``.npy`` (uint8, frames x height x width x 3). `video_
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any, Sequence
 
@@ -84,6 +88,51 @@ def save_images(images: Sequence[Any], stem: str) -> list[str]:
         image.save(path)
         paths.append(path)
     return paths
+
+
+@dataclasses.dataclass
+class RequestFiles:
+    """What one request writes: ``kind`` is "images" (PIL images), "videos" (one frame list per
+    video) or "latents" (a tensor); `stats` is its stats.json entry (``outputs`` is filled in)."""
+
+    kind: str
+    items: Any
+    stats: dict
+
+
+def write_request_files(results: Sequence[RequestFiles], directory: str, name: str, fps: int = 16) -> list[str]:
+    """Write every request's files and one ``stats.json``; return the paths written.
+
+    One request: ``<name>_<i>.png`` (images), ``<name>_<i>.mp4`` (videos; frames + ``.npy`` without
+    PyAV) or ``<name>.npy`` (latents), and its stats as stats.json. Several: the same names prefixed
+    ``req<NNNN>_``, and stats.json holds ``requests`` (one entry each) with the summed bytes and time.
+    """
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for n, result in enumerate(results):
+        stem = os.path.join(directory, (f"req{n:04d}_" if len(results) > 1 else "") + name)
+        files = []
+        if result.kind == "latents" and result.items is not None:
+            files = [stem + ".npy"]
+            np.save(files[0], result.items.detach().float().cpu().numpy())
+        elif result.kind == "videos" and result.items is not None:
+            for i, video in enumerate(result.items):
+                files += save_video(video, f"{stem}_{i}", fps=fps)
+        elif result.items is not None:
+            files = save_images(result.items, stem)
+        result.stats["outputs"] = [os.path.relpath(p, directory) for p in files]
+        written += files
+    if len(results) == 1:
+        summary = results[0].stats
+    else:
+        raw = sum(r.stats["raw_bytes"] for r in results)
+        sent = sum(r.stats["sent_bytes"] for r in results)
+        summary = {"requests": [r.stats for r in results], "raw_bytes": raw, "sent_bytes": sent,
+                   "ratio": raw / sent if sent else 1.0, "elapsed_s": sum(r.stats["elapsed_s"] for r in results)}
+    path = os.path.join(directory, "stats.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return written + [path]
 
 
 def summary_line(elapsed_s: float, requests: int, raw_bytes: int, sent_bytes: int, compression: str) -> str:

@@ -25,7 +25,9 @@ import threading
 
 import torch.distributed as dist
 
-TIMEOUT_ENV = "CFX_COMM_TIMEOUT_S"
+from compactfusion_xdit import envs
+
+TIMEOUT_ENV = envs.COMM_TIMEOUT_S
 DEFAULT_TIMEOUT_S = 600.0
 #: A peer that does not answer a liveness probe within this many seconds is reported lost.
 PROBE_TIMEOUT_S = 5.0
@@ -33,7 +35,7 @@ PROBE_TIMEOUT_S = 5.0
 
 def timeout_seconds() -> float:
     """``CFX_COMM_TIMEOUT_S`` (seconds, > 0) or the default; a bad value is a ValueError naming it."""
-    text = os.environ.get(TIMEOUT_ENV, "")
+    text = envs.get(TIMEOUT_ENV)
     if not text:
         return DEFAULT_TIMEOUT_S
     try:

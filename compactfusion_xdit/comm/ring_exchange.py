@@ -8,14 +8,17 @@ passes it on with the message.
 
 from __future__ import annotations
 
-from typing import Hashable, Iterator
+from typing import TYPE_CHECKING, Hashable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from compactfusion_xdit.comm import p2p
-from compactfusion_xdit.comm.communicator import FALLBACK_TAG_OFFSET, CompressedCommunicator, link_key
-from compactfusion_xdit.residual import FLAG_RAW_FOLLOWS, MessageKind, path_of
+from compactfusion_xdit.comm.wire import FALLBACK_TAG_OFFSET, link_key
+from compactfusion_xdit.core.residual import FLAG_RAW_FOLLOWS, MessageKind, path_of
+
+if TYPE_CHECKING:
+    from compactfusion_xdit.comm.communicator import CompressedCommunicator
 
 
 class RingExchange:
@@ -48,7 +51,7 @@ class RingExchange:
             self.sizes.append(size)
             self.offsets.append(offset)
             offset += size
-        self.buffers = [comm._buffer(key, f"ring{i}", (offset,), device) for i in (0, 1)]
+        self.buffers = [comm.buffers.get(key, f"ring{i}", (offset,), device) for i in (0, 1)]
         self._fallbacks = self._code_own(self.buffers[0])
         self._hop = self._post_hop(self.buffers[0], self._fallbacks, self.buffers[1]) if self.world > 1 else None
         self._started = False

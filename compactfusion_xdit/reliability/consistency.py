@@ -36,9 +36,7 @@ def _version(package: str) -> str:
 
 def software_versions() -> dict[str, str]:
     """Versions whose mismatch changes what travels on the wire."""
-    import compactfusion_xdit
-
-    return {"compactfusion_xdit": compactfusion_xdit.__version__, "xfuser": _version("xfuser"),
+    return {"compactfusion_xdit": _version("compactfusion-xdit"), "xfuser": _version("xfuser"),
             "torch": torch.__version__}
 
 

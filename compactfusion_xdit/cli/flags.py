@@ -1,12 +1,12 @@
 """The command-line flags: xfuser's own (``xFuserArgs.add_cli_args``) plus ours, one parser.
 
-    from compactfusion_xdit import args
+    from compactfusion_xdit.cli import flags as args
     ns = args.build_parser().parse_args(["--model", "tiny-flux", "--ulysses_degree", "2",
                                          "--compression", "residual-int4"])
     config = args.compression_config(ns)        # CompressionConfig from every --compression* flag
 
-Used by the launcher (`compactfusion_xdit.cli`, the ``xfuser`` command) and by each rank
-(`compactfusion_xdit.worker`). Like xfuser's parser, dashes and underscores in flag names are
+Used by the launcher (`compactfusion_xdit.cli.launcher`, the ``xfuser`` command) and by each rank
+(`compactfusion_xdit.rank.worker`). Like xfuser's parser, dashes and underscores in flag names are
 interchangeable (``--compression-warmup`` == ``--compression_warmup``).
 
 `build_parser` imports xfuser (about 10 s on CPU). `add_compactfusion_args` and
@@ -22,7 +22,7 @@ DTYPE_NAMES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
 
 def _compression_name(value: str) -> str:
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     try:
         CompressionConfig.parse(value)
@@ -32,7 +32,7 @@ def _compression_name(value: str) -> str:
 
 
 def _compression_paths(value: str) -> str:
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     try:
         CompressionConfig.parse("none", paths=value)
@@ -42,7 +42,7 @@ def _compression_paths(value: str) -> str:
 
 
 def _compression_schedule(value: str) -> str:
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     try:
         CompressionConfig.parse("none", schedule=value)
@@ -80,7 +80,7 @@ def add_compactfusion_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_request_args(parser: argparse.ArgumentParser) -> None:
-    """``--prompt_file``: many requests served by one launch (see `compactfusion_xdit.request_list`)."""
+    """``--prompt_file``: many requests served by one launch (see `compactfusion_xdit.rank.requests`)."""
     parser.add_argument(*_both_spellings("--prompt_file"), dest="prompt_file", default=None, metavar="FILE",
                         help="one request per line: a prompt, or a JSON object with prompt and optionally height, "
                         "width, num_inference_steps, seed, negative_prompt; outputs are numbered per request")
@@ -112,7 +112,7 @@ def add_compression_args(parser: argparse.ArgumentParser):
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """``--config`` and ``--dry-run``: read by the ``xfuser`` launcher (`compactfusion_xdit.yaml_config`)."""
+    """``--config`` and ``--dry-run``: read by the ``xfuser`` launcher (`compactfusion_xdit.cli.yaml_config`)."""
     group = parser.add_argument_group("configuration file")
     group.add_argument("--config", default=None, metavar="FILE.yaml",
                        help="settings from a YAML file (configs/, docs/yaml_configs.md); flags on the command line "
@@ -191,7 +191,7 @@ def compression_config(ns: argparse.Namespace):
     residual names), is a no-op with ``none``, and is an error with only plain codecs (they have
     no error feedback to turn off).
     """
-    from compactfusion_xdit.config import CompressionConfig
+    from compactfusion_xdit.core.config import CompressionConfig
 
     name = getattr(ns, "compression", "none") or "none"
     config = CompressionConfig.parse(

@@ -30,7 +30,7 @@ import dataclasses
 import difflib
 from typing import Any
 
-from compactfusion_xdit import flag_table
+from compactfusion_xdit.cli import flag_table
 
 SECTIONS = ("model", "parallel", "input", "runtime", "compression", "launcher")
 #: Flags that belong elsewhere than their argument group says.
@@ -168,8 +168,8 @@ def _composite_text(key: Key, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected path names such as [ulysses, ring], got {value!r}")
         return ",".join(value)
     if key.section == "compression" and key.name == "schedule":
-        from compactfusion_xdit.config import CompressionConfig
-        from compactfusion_xdit.schedule import format_schedule
+        from compactfusion_xdit.core.config import CompressionConfig
+        from compactfusion_xdit.core.schedule import format_schedule
 
         try:
             return format_schedule(CompressionConfig.parse("none", schedule=value).schedule)
@@ -254,8 +254,8 @@ def _elsewhere(known: dict[str, dict[str, Key]], section: str, name: Any) -> str
 def _check_file(settings: FileSettings, parser: argparse.ArgumentParser) -> None:
     """Checks across keys: the flags parse together, the compression settings combine, and the
     degrees give parallel.world_size when the file states it."""
-    from compactfusion_xdit import args as cli_args
-    from compactfusion_xdit import cli
+    from compactfusion_xdit.cli import flags as cli_args
+    from compactfusion_xdit.cli import plan
 
     try:
         ns = parser.parse_args(settings.argv())
@@ -267,7 +267,7 @@ def _check_file(settings: FileSettings, parser: argparse.ArgumentParser) -> None
         raise ConfigError(f"{settings.path}: compression: {err}") from None
     if settings.world_size is not None:
         try:
-            world = cli.world_size(ns)
+            world = plan.world_size(ns)
         except ValueError as err:
             raise ConfigError(f"{settings.path}: parallel: {err}") from None
         if world != settings.world_size:
@@ -277,10 +277,10 @@ def _check_file(settings: FileSettings, parser: argparse.ArgumentParser) -> None
 
 
 def _degrees(ns: argparse.Namespace) -> str:
-    from compactfusion_xdit import cli
+    from compactfusion_xdit.cli import plan
     from compactfusion_xdit.modes import layout
 
-    parts = [f"{flag[2:]} {getattr(ns, flag[2:])}" for flag in cli.DEGREE_FLAGS if getattr(ns, flag[2:]) != 1]
+    parts = [f"{flag[2:]} {getattr(ns, flag[2:])}" for flag in plan.DEGREE_FLAGS if getattr(ns, flag[2:]) != 1]
     parts += ["use_cfg_parallel 2"] if ns.use_cfg_parallel else []
     parts += [f"{layout.MODES[m].degree_attr} {layout.degree(ns, m)}" for m in layout.MODES if layout.degree(ns, m) != 1]
     return " x ".join(parts) or "every degree 1"
@@ -329,7 +329,7 @@ def expand_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    """``python -m compactfusion_xdit.yaml_config FILE...``: check files, print their flags."""
+    """``python -m compactfusion_xdit.cli.yaml_config FILE...``: check files, print their flags."""
     import sys
 
     status = 0

@@ -1,0 +1,51 @@
+"""The ``xfuser`` command: check the flags, then launch one rank per device with torchrun.
+
+    xfuser --model tiny-flux --ulysses_degree 2 --height 64 --width 64 \\
+        --num_inference_steps 8 --prompt "a cat" --compression residual-int4 --output_dir out
+
+Like xfuser's own ``xdit`` command, the number of ranks is the product of the parallel degrees
+(data, Ulysses, ring, PipeFusion, tensor; ``--use_cfg_parallel`` counts 2), and the ranks run
+``python -m torch.distributed.run ... -m compactfusion_xdit.rank.worker <the same flags>``. Mistakes
+that would otherwise surface in every rank after the xfuser import (an unknown model, degrees
+that do not match the rank count, ``--use_fp8_comms`` with compression, an unknown compression
+name) are reported here within seconds, as one line, with exit status 2. Without CUDA the ranks
+use gloo with one thread each (unless ``OMP_NUM_THREADS`` is set) and a free port.
+The exit status is torchrun's: non-zero when any rank fails.
+
+``--config FILE.yaml`` reads the settings from a file (`compactfusion_xdit.cli.yaml_config`; flags on the
+command line override it) and ``--dry-run`` runs the checks and prints the plan without launching
+(`compactfusion_xdit.cli.dry_run`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from compactfusion_xdit.cli import dry_run, plan, torchrun, yaml_config
+from compactfusion_xdit.cli import flags as cli_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``xfuser`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        cli_args.build_parser().print_help()
+        return 0
+    try:
+        argv = yaml_config.expand_argv(argv)  # --config FILE: the file's flags, then the command line's
+        argv, dry = dry_run.split(argv)
+        if dry:
+            print(dry_run.report(argv))
+            return 0
+        # every flag's value and the ranks' usage checks: refused here, not in each rank after torchrun started
+        launch = plan.plan_launch(plan.preparse(argv), settings=dry_run.settings(argv))
+    except (plan.UsageError, yaml_config.ConfigError) as err:
+        print(f"xfuser: error: {err}", file=sys.stderr)
+        return 2
+    import torch
+
+    return torchrun.run_to_completion(torchrun.torchrun_command(launch, argv), torchrun.launch_env(torch.cuda.is_available()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Residual channels without xfuser: config, schedule, per-key caches, the wire protocol, the session."""

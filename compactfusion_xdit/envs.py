@@ -1,0 +1,39 @@
+"""Every environment variable the plugin reads, with its default and meaning (like xDiT's ``envs.py``).
+
+    from compactfusion_xdit import envs
+    envs.get(envs.COMPRESSION)        # "" when unset
+
+| variable | read by | meaning |
+|---|---|---|
+| ``CFX_COMPRESSION`` | `launch`, Ray workers (`ray_support`), `api.install_from_env` | compression of processes a launcher starts (default none) |
+| ``CFX_CACHE`` | `models.tiny`, `models.tiny_more` | where built-in models are built (default ``~/.cache/compactfusion_xdit``) |
+| ``CFX_COMM_TIMEOUT_S`` | `reliability.liveness` | seconds a collective may wait before the rank gives up (default 600) |
+| ``CFX_DEBUG`` | `rank.worker`, `rank.runner` | ``1``: show tracebacks instead of one-line errors |
+| ``CFX_FAULT`` | `reliability.faults` | inject a failure at a scheduler step (tests), e.g. ``exit:1:3`` |
+| ``CFX_FORCE_TORCH`` | `codecs` | ``1``: use the torch reference codecs even where fused kernels exist |
+| ``CFX_LAUNCHER_PID`` | `reliability.orphans` | set by the launchers for torchrun and its ranks; a rank started after the launcher died exits at once |
+"""
+
+from __future__ import annotations
+
+import os
+
+COMPRESSION = "CFX_COMPRESSION"
+CACHE = "CFX_CACHE"
+COMM_TIMEOUT_S = "CFX_COMM_TIMEOUT_S"
+DEBUG = "CFX_DEBUG"
+FAULT = "CFX_FAULT"
+FORCE_TORCH = "CFX_FORCE_TORCH"
+LAUNCHER_PID = "CFX_LAUNCHER_PID"
+
+ALL = (COMPRESSION, CACHE, COMM_TIMEOUT_S, DEBUG, FAULT, FORCE_TORCH, LAUNCHER_PID)
+
+
+def get(name: str) -> str:
+    """The variable's value, "" when unset."""
+    return os.environ.get(name, "")
+
+
+def flag(name: str) -> bool:
+    """True when the variable is set to anything but "" or "0"."""
+    return get(name) not in ("", "0")

@@ -1,0 +1,98 @@
+"""What ``--model`` names: a built-in model or a local diffusers folder, and what a rank can load.
+
+    path = registry.resolve("tiny-flux")          # a built-in: built once into the cache, its folder
+    path = registry.resolve("/models/flux")       # a local folder: checked, returned
+    registry.pipeline_class_name(path)            # "FluxPipeline"; ModelError if no rank can load it
+
+The one model resolution of the launchers (``xfuser``, ``cfx-xdit``) and the ranks. Models are never
+downloaded. Importing this module is light (no torch); building a built-in imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+#: diffusers pipeline class (``model_index.json`` ``_class_name``) -> the xfuser wrapper that runs it.
+PIPELINES = {
+    "FluxPipeline": "xFuserFluxPipeline",
+    "PixArtAlphaPipeline": "xFuserPixArtAlphaPipeline",
+    "PixArtSigmaPipeline": "xFuserPixArtSigmaPipeline",
+    "StableDiffusion3Pipeline": "xFuserStableDiffusion3Pipeline",
+}
+
+#: Pipelines with no xfuser wrapper class, loaded by xfuser's runner model of their class
+#: (`compactfusion_xdit.patches.runner_models`); their output is a video (``out.frames``).
+RUNNER_MODEL_PIPELINES = ("WanPipeline", "HunyuanVideoPipeline")
+
+#: Built-in models built from config by `models.tiny` (random weights, for tests and demos) or
+#: shipped trained (``digits-flux``), and the folder-loading stand-ins of `models.tiny_more`.
+TINY = ("tiny-flux", "tiny-pixart", "tiny-sd3", "digits-flux")
+TINY_MORE = ("tiny-pixart-sigma", "tiny-wan", "tiny-hunyuan-video")
+BUILTIN_MODELS = TINY + TINY_MORE
+
+
+class ModelError(ValueError):
+    """``--model`` names nothing this plugin can load; the message says what to pass instead."""
+
+
+def _module(name: str):
+    if name in TINY_MORE:
+        from compactfusion_xdit.models import tiny_more
+
+        return tiny_more
+    from compactfusion_xdit.models import tiny
+
+    return tiny
+
+
+def cached_path(name: str) -> str:
+    """Where the built-in `name` lives once built (it may not exist yet)."""
+    return _module(name).cached_path(name)
+
+
+def is_built(name: str) -> bool:
+    return os.path.isfile(os.path.join(cached_path(name), "model_index.json"))
+
+
+def build_pipeline(name: str, dtype=None):
+    """A fresh diffusers pipeline of the built-in `name` (the same weights on every call)."""
+    module = _module(name)
+    return module.build_pipeline(name) if dtype is None else module.build_pipeline(name, dtype)
+
+
+def resolve(model: str | None, announce=None) -> str:
+    """The diffusers folder of `model`: a built-in is built into the cache once (`announce`, if
+    given, is called with a line saying so first); a local folder must hold ``model_index.json``."""
+    builtins = ", ".join(BUILTIN_MODELS)
+    if model is None:
+        raise ModelError(f"no --model given; pass a built-in ({builtins}) or a local diffusers folder")
+    if model in BUILTIN_MODELS:
+        if announce is not None and not is_built(model):
+            announce(f"building the built-in model {model} into {cached_path(model)} (once)")
+        return _module(model).materialize(model)
+    if not os.path.isdir(model):
+        raise ModelError(f"--model {model!r} is neither a built-in model ({builtins}) nor a local folder; "
+                         "models are not downloaded, pass a diffusers folder (save_pretrained output)")
+    if not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise ModelError(f"--model {model!r} has no model_index.json; pass a diffusers folder (save_pretrained output)")
+    return model
+
+
+def pipeline_class_name(path: str) -> str:
+    """The pipeline class of the folder at `path`; ModelError unless the ranks can load it."""
+    with open(os.path.join(path, "model_index.json")) as f:
+        name = json.load(f).get("_class_name")
+    if name not in PIPELINES and name not in RUNNER_MODEL_PIPELINES:
+        supported = ", ".join([*PIPELINES, *RUNNER_MODEL_PIPELINES])
+        raise ModelError(f"model {path!r} is a {name}; supported pipelines: {supported}")
+    return name
+
+
+def backbone_config(path: str) -> dict:
+    """The backbone's ``config.json`` (``transformer/``), or {} when the folder has none."""
+    config = os.path.join(path, "transformer", "config.json")
+    if not os.path.isfile(config):
+        return {}
+    with open(config) as f:
+        return json.load(f)

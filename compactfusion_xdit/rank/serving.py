@@ -1,0 +1,47 @@
+"""The one request loop of a rank, shared by the worker (``xfuser``) and the drop-in runner (``cfx-xdit``).
+
+    results = serving.serve_requests(session, requests, run_one)    # run_one(request) -> pipeline output
+
+Per request: the plugin's caches start empty (`CompressionSession.begin_request`), its traffic is
+counted alone, and every cache is dropped when it ends, so none outlives its request; a request
+that fails drops its caches and wire buffers before the error goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+from compactfusion_xdit.rank import traffic as rank_traffic
+
+
+@dataclasses.dataclass
+class Served:
+    """One request as this rank saw it: its settings, the pipeline output, time and traffic."""
+
+    request: Any
+    output: Any
+    elapsed_s: float
+    traffic: dict
+
+
+def serve_requests(session, requests: Sequence[Any], run_one: Callable[[Any], Any]) -> list[Served]:
+    """Run `run_one(request)` for each request in order (a collective per request when a session exists)."""
+    served = []
+    for request in requests:
+        if session is not None:
+            session.begin_request(reset_stats=True)
+        start = time.perf_counter()
+        try:
+            output = run_one(request)
+        except BaseException:
+            if session is not None:
+                session.abandon_request()  # a failed request leaves no cache or buffer behind
+            raise
+        elapsed = time.perf_counter() - start
+        traffic = rank_traffic.compression_traffic(session)
+        if session is not None:
+            session.end_request()
+        served.append(Served(request, output, elapsed, traffic))
+    return served

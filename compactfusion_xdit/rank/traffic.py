@@ -1,0 +1,51 @@
+"""The bytes of a request, summed over every rank, and the table ``--compression-stats`` prints."""
+
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+#: What a run without a session (``--compression none``) reports.
+NO_TRAFFIC = {"raw_bytes": 0, "sent_bytes": 0, "ratio": 1.0, "paths": {}, "cache_consistent": None}
+
+
+def compression_traffic(session) -> dict:
+    """Bytes over every rank (a collective over the world group when a session exists):
+    ``raw_bytes`` (what the uncompressed exchanges would send), ``sent_bytes``, ``ratio``, per path
+    ``{"raw_bytes", "sent_bytes", "messages"}``, and ``cache_consistent`` (None unless checked).
+    Without a session nothing is counted: `NO_TRAFFIC`."""
+    if session is None:
+        return {**NO_TRAFFIC, "paths": {}}
+    lifecycle = session.lifecycle
+    if lifecycle is not None and session.config.check:
+        lifecycle.check_caches()  # every message of the request has been received by now
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, session.stats())
+    paths: dict[str, dict[str, int]] = {}
+    for stats in gathered:
+        for path, counts in stats["paths"].items():
+            total = paths.setdefault(path, {"raw_bytes": 0, "sent_bytes": 0, "messages": 0})
+            for k in total:
+                total[k] += counts[k]
+    raw = sum(p["raw_bytes"] for p in paths.values())
+    sent = sum(p["sent_bytes"] for p in paths.values())
+    consistent = None
+    if lifecycle is not None and lifecycle.cache_consistent is not None:
+        consistent = lifecycle.cache_consistent
+        if not consistent:
+            print("residual caches diverged:\n" + "\n".join(lifecycle.mismatches[:20]), file=sys.stderr)
+    return {"raw_bytes": raw, "sent_bytes": sent, "ratio": raw / sent if sent else 1.0, "paths": paths,
+            "cache_consistent": consistent}
+
+
+def format_traffic(traffic: dict) -> str:
+    """The per-path byte table ``--compression-stats`` prints."""
+    rows = [("path", "messages", "raw bytes", "sent bytes", "ratio")]
+    for path, p in sorted(traffic["paths"].items()):
+        ratio = p["raw_bytes"] / p["sent_bytes"] if p["sent_bytes"] else 1.0
+        rows.append((path, str(p["messages"]), str(p["raw_bytes"]), str(p["sent_bytes"]), f"{ratio:.2f}x"))
+    rows.append(("total", str(sum(p["messages"] for p in traffic["paths"].values())), str(traffic["raw_bytes"]),
+                 str(traffic["sent_bytes"]), f"{traffic['ratio']:.2f}x"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
