@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["compactfusion_xdit", "compactfusion_xdit.*"]),
     include_package_data=True,
-    package_data={"compactfusion_xdit": ["configs/*.yaml", "models/weights/*", "models/weights/*/*", "models/weights/*/*/*"]},
+    package_data={"compactfusion_xdit": ["models/weights/*", "models/weights/*/*", "models/weights/*/*/*"]},
     install_requires=[
         "torch>=2.5",
         "xfuser==0.7.0",

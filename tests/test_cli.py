@@ -55,6 +55,36 @@ def launcher_error(argv: list[str], cache: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def test_a_mistyped_flag_is_refused_with_the_closest_flag(cache):
+    line = launcher_error(["--model", "tiny-flux", "--ulysses_degree", "2", "--compresion", "residual-int4"], cache)
+    assert line == "xfuser: error: unrecognized flag --compresion; did you mean --compression?"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--use_cfg_parallel"], "Flux has no classifier-free guidance branch to split; drop --use_cfg_parallel"),
+    (["--output_type", "np"], "--output_type 'np' is not supported; use pil or latent"),
+    (["--pipefusion_parallel_degree", "2", "--num_pipeline_patch", "1"],
+     "--num_pipeline_patch 1 is smaller than --pipefusion_parallel_degree 2; use at least one patch per stage"),
+])
+def test_the_ranks_usage_errors_are_caught_before_torchrun(cache, flags, message):
+    line = launcher_error(["--model", "tiny-flux", *flags], cache)
+    assert line == f"xfuser: error: {message}"
+
+
+def test_pipefusion_without_a_patch_count_takes_one_patch_per_stage_as_xdit_does(cache):
+    ns = plan.preparse(["--model", "tiny-flux", "--pipefusion_parallel_degree", "2"])
+    from compactfusion_xdit.cli import checks, dry_run
+
+    full = dry_run.settings(["--model", "tiny-flux", "--pipefusion_parallel_degree", "2"])
+    assert checks.parallel_settings(full)["num_pipeline_patch"] == 2  # xfuser's ParallelConfig default: the degree
+    assert plan.plan_launch(ns, settings=full).world_size == 2
+
+
+def test_version_answers_without_xfuser(cache):
+    proc = run_xfuser(["--version"], cache)
+    assert proc.returncode == 0 and proc.stdout.startswith("xfuser (compactfusion-xdit 0.1.0) on xfuser 0.7.0")
+
+
 def test_unknown_model_names_the_builtins(cache):
     line = launcher_error(["--model", "no/such-model", "--ulysses_degree", "2"], cache)
     from compactfusion_xdit.models import tiny

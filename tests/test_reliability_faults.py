@@ -122,7 +122,7 @@ def test_a_rank_that_dies_under_the_xfuser_command_fails_the_launch(tmp_path):
 def failed_request_then_retry(rank: int, world_size: int, argv: list[str]) -> dict:
     """Request A, then a request that raises on every rank at its second step, then A again."""
     from compactfusion_xdit import patches
-    from compactfusion_xdit.rank import worker
+    from compactfusion_xdit.rank import serving, worker
 
     args = worker.parse_args(argv)
     loaded = worker.load_pipeline(args)
@@ -132,8 +132,8 @@ def failed_request_then_retry(rank: int, world_size: int, argv: list[str]) -> di
     hook = faults.install(loaded.pipe, rank, "raise:*:1000")
     hook.fault = faults.Fault("raise", None, hook.calls + 2)  # the 2nd step of the next request
     failed = None
-    try:
-        worker.call_pipeline(loaded, args, prompt="a dog", height=48)
+    try:  # through the ranks' request loop, which must drop what the failed request left behind
+        serving.serve_requests(session, [None], lambda _: worker.call_pipeline(loaded, args, prompt="a dog", height=48))
     except faults.InjectedFault as err:
         failed = str(err)
     after_failure = session.state.stats()["cache_entries"]

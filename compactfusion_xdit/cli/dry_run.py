@@ -1,9 +1,9 @@
 """``xfuser ... --dry-run``: check the settings and print the launch plan; no rank is started.
 
-    xfuser --config configs/flux-ulysses4.yaml --dry-run
+    xfuser --config configs/flux-4gpu-ulysses.yaml --dry-run
 
-Runs every check of a real launch (flags, compression, degrees against the rank count, the model's
-head count) and prints the world size, xfuser's process groups, the input, the compression
+Runs every check of a real launch (flags, compression, degrees against the rank count, the ranks'
+usage checks of `cli.checks`) and prints the world size, xfuser's process groups, the input, the compression
 settings and the torchrun command. A model folder that does not exist is a warning here (configs
 ship with placeholder paths), not an error.
 """
@@ -11,6 +11,7 @@ ship with placeholder paths), not an error.
 from __future__ import annotations
 
 import argparse
+import difflib
 import shlex
 
 from compactfusion_xdit.cli import flags as cli_args
@@ -26,11 +27,19 @@ def split(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def settings(argv: list[str]) -> argparse.Namespace:
-    """Every setting of the command line (defaults filled in), parsed like the ranks will."""
+    """Every setting of the command line (defaults filled in), parsed like the ranks will; an
+    unknown flag is a UsageError naming the closest valid one."""
+    parser = flag_table.fast_parser()
     try:
-        ns, _ = flag_table.fast_parser().parse_known_args(plan.normalise_flag_names(argv))
+        ns, unknown = parser.parse_known_args(plan.normalise_flag_names(argv))
     except ValueError as err:
         raise plan.UsageError(str(err)) from None
+    flags = [arg.partition("=")[0] for arg in unknown if arg.startswith("-")]
+    if flags:
+        known = [option for action in parser._actions for option in action.option_strings]
+        close = difflib.get_close_matches(flags[0], known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; xfuser --help lists every flag"
+        raise plan.UsageError(f"unrecognized flag {flags[0]}{hint}")
     return ns
 
 

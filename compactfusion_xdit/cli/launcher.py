@@ -25,9 +25,23 @@ from compactfusion_xdit.cli import dry_run, plan, torchrun, yaml_config
 from compactfusion_xdit.cli import flags as cli_args
 
 
+def version_line() -> str:
+    """``xfuser --version``: this plugin's version and the xfuser it drives (no xfuser import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        xfuser_version = version("xfuser")
+    except PackageNotFoundError:
+        xfuser_version = "not installed"
+    return f"xfuser (compactfusion-xdit {version('compactfusion-xdit')}) on xfuser {xfuser_version}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``xfuser`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in argv:
+        print(version_line())
+        return 0
     if "-h" in argv or "--help" in argv:
         cli_args.build_parser().print_help()
         return 0

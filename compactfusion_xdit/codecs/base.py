@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from compactfusion_xdit import envs
+from compactfusion_xdit.codecs.payload import Payload
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass
-class Payload:
-    """What one coded tensor puts on the wire: `tensors` in wire order (packed data, then scales).
-
-    `shape` and `dtype` are those of the coded 2-D tensor; `codec` is the codec's name.
-    """
-
-    tensors: tuple
-    shape: tuple
-    dtype: torch.dtype
-    codec: str
-
-    @property
-    def nbytes(self) -> int:
-        """Exact bytes on the wire (equals ``flatten().numel()``)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors)
-
-    def flatten(self) -> torch.Tensor:
-        """All tensors' bytes, concatenated in wire order, as one uint8 tensor."""
-        return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in self.tensors])
 
 
 def to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -456,7 +456,7 @@ class ResidualState:
     @staticmethod
     def _read_rows(codec, wires: list[torch.Tensor], shape2: tuple[int, int], dtype: torch.dtype):
         """The stacked payload of several wire messages, each for a tensor of 2-D shape `shape2`."""
-        from compactfusion_xdit.codecs.base import Payload
+        from compactfusion_xdit.codecs.payload import Payload
 
         parts, offset, count = [], 0, len(wires)
         for s, d in codec.layout(shape2, dtype):

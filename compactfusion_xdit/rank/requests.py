@@ -1,6 +1,7 @@
 """Many requests in one launch: ``--prompt_file`` and repeated ``--prompt``.
 
-    reqs = requests.from_argv(argv, defaults)    # [Request(prompt="a cat", height=64, ...), ...]
+    reqs = requests.collect(argv, prompt_file, defaults)   # [Request(prompt="a cat", height=64, ...), ...]
+    reqs = requests.listed_requests(argv, prompt_file)     # the same, None when one request is all
 
 A prompt file holds one request per line: a plain line is a prompt; a line starting with ``{`` is
 a JSON object with ``prompt`` and optionally ``height``, ``width``, ``num_inference_steps``

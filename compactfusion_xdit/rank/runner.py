@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from compactfusion_xdit import envs, patches
+from compactfusion_xdit import patches
 from compactfusion_xdit.cli import checks, ports
 from compactfusion_xdit.cli import flags as cli_args
 from compactfusion_xdit.cli.checks import UsageError
@@ -69,10 +69,6 @@ def resolve_model(model: str, dtype: torch.dtype | None) -> str:
         return runner_models.register_local_folder(model, dtype)
     except runner_models.LocalModelError as err:
         raise UsageError(str(err)) from None
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def run(argv: list[str]) -> int:
@@ -171,17 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("RANK"):  # like xfuser.runner: a single process without torchrun
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(ports.free_port()))
-    try:
-        return run(argv)
-    except UsageError as err:
-        print(f"cfx-xdit: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # one line for users; CFX_DEBUG=1 shows the traceback
-        if envs.flag(envs.DEBUG):
-            raise
-        print(f"cfx-xdit: error (rank {_rank()}): {type(err).__name__}: {err}  [set CFX_DEBUG=1 for the traceback]",
-              file=sys.stderr)
-        return 1
+    return serving.run_rank(lambda: run(argv), prog="cfx-xdit")
 
 
 if __name__ == "__main__":

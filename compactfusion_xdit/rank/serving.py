@@ -10,10 +10,15 @@ that fails drops its caches and wire buffers before the error goes on.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
+from compactfusion_xdit import envs
+from compactfusion_xdit.cli.checks import UsageError
 from compactfusion_xdit.rank import traffic as rank_traffic
+from compactfusion_xdit.reliability import liveness
 
 
 @dataclasses.dataclass
@@ -45,3 +50,21 @@ def serve_requests(session, requests: Sequence[Any], run_one: Callable[[Any], An
             session.end_request()
         served.append(Served(request, output, elapsed, traffic))
     return served
+
+
+def run_rank(body: Callable[[], int], prog: str = "") -> int:
+    """A rank's exit status: `body()`'s, 2 after a UsageError (one line), 1 after any other failure
+    (one line, naming a lost peer when there is one; ``CFX_DEBUG=1`` re-raises for the traceback)."""
+    prefix = f"{prog}: " if prog else ""
+    try:
+        return body()
+    except UsageError as err:
+        print(f"{prefix}error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if envs.flag(envs.DEBUG):
+            raise
+        lost = liveness.lost_ranks_note()
+        print(f"{prefix}error (rank {os.environ.get('RANK', '0')}): {lost}{type(err).__name__}: {err}  "
+              "[set CFX_DEBUG=1 for the traceback]", file=sys.stderr)
+        return 1

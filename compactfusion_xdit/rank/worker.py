@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from compactfusion_xdit import envs, modes, patches
+from compactfusion_xdit import modes, patches
 from compactfusion_xdit.cli import checks
 from compactfusion_xdit.cli import flags as cli_args
 from compactfusion_xdit.cli.checks import UsageError
@@ -300,30 +300,22 @@ def request_summary(results: list[RunResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     orphans.exit_with_parent()  # this rank ends when torchrun (or the launcher) dies
-    rank = os.environ.get("RANK", "0")
     argv = list(sys.argv[1:] if argv is None else argv)
+    return serving.run_rank(lambda: _run(argv))
+
+
+def _run(argv: list[str]) -> int:
+    args = parse_args(argv)
     try:
-        args = parse_args(argv)
-        try:
-            requests = request_list.listed_requests(argv, args.prompt_file)
-        except request_list.RequestError as err:
-            raise UsageError(str(err)) from None
-        results = serve(args, requests)
-        if results[0].is_output_rank:
-            for path in write_request_outputs(results, args.output_dir, args.output_type):
-                print(f"wrote {path}")
-        if results[0].rank == 0:
-            print(request_summary(results), flush=True)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # one line for users; CFX_DEBUG=1 shows the traceback
-        if envs.flag(envs.DEBUG):
-            raise
-        lost = liveness.lost_ranks_note()  # names a dead or frozen peer, if any
-        print(f"error (rank {rank}): {lost}{type(err).__name__}: {err}  [set CFX_DEBUG=1 for the traceback]",
-              file=sys.stderr)
-        return 1
+        requests = request_list.listed_requests(argv, args.prompt_file)
+    except request_list.RequestError as err:
+        raise UsageError(str(err)) from None
+    results = serve(args, requests)
+    if results[0].is_output_rank:
+        for path in write_request_outputs(results, args.output_dir, args.output_type):
+            print(f"wrote {path}")
+    if results[0].rank == 0:
+        print(request_summary(results), flush=True)
     return 0
 
 

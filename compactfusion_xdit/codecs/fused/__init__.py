@@ -140,5 +140,5 @@ def decode_residual(codec, payload, base):
 
 
 def _payload(codec, tensors, x):
-    from compactfusion_xdit.codecs import Payload
+    from compactfusion_xdit.codecs.payload import Payload
     return Payload(tensors=tuple(tensors), shape=tuple(x.shape), dtype=x.dtype, codec=codec.name)
