@@ -34,7 +34,8 @@ import numpy as np
 
 from compactfusion_xdit.benchmarks import methods as bench_methods
 from compactfusion_xdit.benchmarks import metrics, netns
-from compactfusion_xdit.benchmarks.launch import BenchError, launch, run_stoppable
+from compactfusion_xdit.benchmarks.runs import BenchError, launch, run_stoppable
+from compactfusion_xdit.cli import ports
 
 DEFAULT_CODECS = "none,residual-int4,residual-int2,residual-1bit,plain-int4"
 DEFAULT_RATES = "100mbit,1gbit,10gbit,unshaped"
@@ -202,7 +203,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def run(opts, out_dir: str | None = None) -> dict:
-    from compactfusion_xdit import cli
+    from compactfusion_xdit.cli import plan
 
     model = opts.model or bench_methods.default_model()
     if opts.height is None or opts.width is None:
@@ -213,7 +214,7 @@ def run(opts, out_dir: str | None = None) -> dict:
         netns.parse_rate(rate)
     chosen = bench_methods.parse_methods(opts.methods, opts.ranks)
     codecs = [c.strip() for c in opts.codecs.split(",") if c.strip()]
-    model_path = cli.model_path(model)
+    model_path = plan.model_path(model)
     result = {"ranks": opts.ranks, "model": model, "height": opts.height, "width": opts.width, "steps": opts.steps,
               "requests": opts.requests, "rates": rates, "methods": chosen, "codecs": codecs,
               "command": shlex.join(["python", "scripts/bench_network.py", *sys.argv[1:]]), "rows": []}
@@ -223,7 +224,7 @@ def run(opts, out_dir: str | None = None) -> dict:
             raise BenchError("simulated failure after the links were set up (--fail-after-setup)")
         print(f"single-process reference ({model} {opts.height}x{opts.width}, {opts.steps} steps)", flush=True)
         ref = launch([worker_argv(opts, model_path, "none", [])], 1, ["unshaped"], opts.requests, opts.timeout, None,
-                     cli._free_port())[0]
+                     ports.free_port())[0]
         reference = ref["image"]
         phase = ref["phases"][0]
         result["single_latency_s"] = statistics.median(phase["latencies_s"] or [phase["warmup_s"]])

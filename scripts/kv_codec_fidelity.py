@@ -4,7 +4,7 @@
     python scripts/kv_codec_fidelity.py --model tiny-flux --size 64 --prompts "a cat"
 
 One process, no ranks: the pipeline runs as stock diffusers, and each attention layer's K and V pass
-through a residual channel (`compactfusion_xdit.residual.ResidualState`, keyed per layer and k|v)
+through a residual channel (`compactfusion_xdit.core.residual.ResidualState`, keyed per layer and k|v)
 exactly as they would cross a link: sender encode, receiver decode, the receiver's tensor used.
 That is the worst case of every compressed path (all K/V of all tokens coded, every step after the
 warm-up). Reports, per compression name, the PSNR of the final latents against the uncompressed run
@@ -23,7 +23,6 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["int8", "residual-int8", "int4", "residual-int4", "int2", "residual-int2", "1bit", "residual-1bit"]
 DIGIT_PROMPTS = [f"digit {d}" for d in range(10)]
 
@@ -38,7 +37,7 @@ class CodedKV:
         self.dispatch = self.module.dispatch_attention_fn
 
     def channel(self, role: str, x: torch.Tensor) -> torch.Tensor:
-        from compactfusion_xdit.residual import MessageKind
+        from compactfusion_xdit.core.residual import MessageKind
 
         key = ("ulysses", self.layer, role)
         kind = self.state.message_kind(key, tuple(x.shape), x.dtype)
@@ -85,7 +84,6 @@ def coded_attention(pipe, state):
 
 
 def load(model: str, threads: int):
-    sys.path.insert(0, REPO)
     from compactfusion_xdit.models import tiny
 
     torch.set_num_threads(threads)
@@ -109,8 +107,8 @@ def sample(pipe, prompt: str, seed: int, args) -> torch.Tensor:
 
 def measure(args: argparse.Namespace) -> dict:
     from compactfusion_xdit.benchmarks.metrics import range_psnr as psnr
-    from compactfusion_xdit.config import CompressionConfig
-    from compactfusion_xdit.residual import ResidualState
+    from compactfusion_xdit.core.config import CompressionConfig
+    from compactfusion_xdit.core.residual import ResidualState
 
     start = time.perf_counter()
     pipe = load(args.model, args.threads)

@@ -47,7 +47,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 #: name -> (bytes/s per GPU per direction, seconds of latency per message), nominal figures.
 LINKS = {

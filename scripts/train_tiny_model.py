@@ -309,7 +309,6 @@ def sample_grid(args: argparse.Namespace) -> str:
     """Digits 0-9 (columns) for seeds 0..grid_seeds-1 (rows), each 16x16 image drawn 4x larger."""
     from PIL import Image
 
-    sys.path.insert(0, REPO)
     from compactfusion_xdit.models import digits
 
     torch.set_num_threads(args.threads)

@@ -175,7 +175,7 @@ def test_raw_payloads_count_every_pipefusion_byte_as_sent(runs):
 
 def test_residual_int4_stays_close_to_uncompressed_pipefusion(runs):
     # A correctness bound on the random tiny-flux (measured 70.0 dB at 64x64, 70.8 dB at 48x80,
-    # 6 steps, scripts/measure_pipefusion.py); fidelity is tested on digits-flux below.
+    # 6 steps, scripts/bench_fidelity.py --path pipefusion); fidelity is tested on digits-flux below.
     for size in (SQUARE, WIDE):
         assert psnr(last_latents(runs, "none", size), last_latents(runs, "residual-int4", size)) > 60.0
 

@@ -1,11 +1,15 @@
-"""Image fidelity metrics: PSNR and SSIM (Wang et al. 2004, Gaussian window), numpy only.
+"""Image fidelity metrics: PSNR and SSIM through ``skimage.metrics``, with this project's conventions.
 
     psnr(ref, img)            # dB; inf when identical; uint8 images use peak 255, floats peak 1
     range_psnr(ref, x)        # dB over the reference's value range (latents, activations)
     ssim(ref, img)            # mean SSIM over channels, in [-1, 1]
 
-SSIM uses the usual constants (K1 0.01, K2 0.03, an 11-tap Gaussian of sigma 1.5, valid region only,
-sample covariance), computed per channel and averaged.
+The peak (``data_range``) is always passed explicitly: 255 for uint8, 1 for float images, and the
+reference's ``max - min`` for `range_psnr`. SSIM is Wang et al. (2004) with skimage's Gaussian
+weights (sigma 1.5, an 11-tap window, K1 0.01, K2 0.03, sample covariance), computed per channel
+over the windows that lie inside the image and averaged. An image shorter than 11 pixels on a side
+gets the widest Gaussian window that fits (sigma shrunk so that skimage's 3.5-sigma window does).
+Needs scikit-image (the ``bench`` and ``test`` extras).
 """
 
 from __future__ import annotations
@@ -13,9 +17,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+#: skimage's Gaussian SSIM window spans ``2 * int(TRUNCATE * sigma + 0.5) + 1`` pixels.
+_SKIMAGE_TRUNCATE = 3.5
 
 
-def _as_float(image) -> tuple[np.ndarray, float]:
+def _as_image(image) -> tuple[np.ndarray, float]:
+    """HxWxC float64 array and its peak (255 for uint8 input, 1 otherwise)."""
     array = np.asarray(image)
     peak = 255.0 if array.dtype == np.uint8 else 1.0
     array = array.astype(np.float64)
@@ -24,14 +33,19 @@ def _as_float(image) -> tuple[np.ndarray, float]:
     return array, peak
 
 
+def _psnr(reference: np.ndarray, x: np.ndarray, peak: float) -> float:
+    if reference.shape != x.shape:
+        raise ValueError(f"shapes differ: {reference.shape} vs {x.shape}")
+    if np.array_equal(reference, x):
+        return math.inf  # skimage divides by a zero error (inf plus a RuntimeWarning)
+    return float(peak_signal_noise_ratio(reference, x, data_range=peak))
+
+
 def psnr(reference, image) -> float:
     """Peak signal-to-noise ratio of `image` against `reference` in dB (inf when equal)."""
-    ref, peak = _as_float(reference)
-    img, _ = _as_float(image)
-    if ref.shape != img.shape:
-        raise ValueError(f"image shapes differ: {ref.shape} vs {img.shape}")
-    mse = float(np.mean((ref - img) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(peak * peak / mse)
+    ref, peak = _as_image(reference)
+    img, _ = _as_image(image)
+    return _psnr(ref, img, peak)
 
 
 def range_psnr(reference, x) -> float:
@@ -39,53 +53,26 @@ def range_psnr(reference, x) -> float:
     inf when equal. For latents and activations, which have no fixed peak. Takes tensors or arrays."""
     ref = np.asarray(reference, dtype=np.float64)
     arr = np.asarray(x, dtype=np.float64)
-    if ref.shape != arr.shape:
-        raise ValueError(f"shapes differ: {ref.shape} vs {arr.shape}")
-    mse = float(np.mean((ref - arr) ** 2))
-    span = float(ref.max() - ref.min())
-    return math.inf if mse == 0.0 else 10.0 * math.log10(span * span / mse)
-
-
-def _gaussian_kernel(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    x = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-    g = np.exp(-(x * x) / (2.0 * sigma * sigma))
-    return g / g.sum()
-
-
-def _filter_valid(plane: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Separable 2-D filtering keeping only windows that lie fully inside the image."""
-    k = len(kernel)
-    rows = np.stack([plane[:, i:plane.shape[1] - k + 1 + i] for i in range(k)], 0)
-    out = np.tensordot(kernel, rows, axes=1)
-    cols = np.stack([out[i:out.shape[0] - k + 1 + i, :] for i in range(k)], 0)
-    return np.tensordot(kernel, cols, axes=1)
+    return _psnr(ref, arr, float(ref.max() - ref.min()))
 
 
 def ssim(reference, image, window: int = 11, sigma: float = 1.5) -> float:
     """Mean structural similarity of `image` against `reference` (channels averaged).
 
-    Images smaller than the window use a window of their shorter side (odd)."""
-    ref, peak = _as_float(reference)
-    img, _ = _as_float(image)
+    `window` must be the Gaussian's span (11 for sigma 1.5; skimage derives it from sigma). Images
+    smaller than the window use the largest odd window that fits, with sigma shrunk to match."""
+    ref, peak = _as_image(reference)
+    img, _ = _as_image(image)
     if ref.shape != img.shape:
         raise ValueError(f"image shapes differ: {ref.shape} vs {img.shape}")
     side = min(ref.shape[0], ref.shape[1])
     if side < window:
         window = side if side % 2 else side - 1
-    kernel = _gaussian_kernel(window, sigma)
-    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
-    n = window * window
-    cov_norm = n / (n - 1.0) if n > 1 else 1.0  # sample (unbiased) covariance
-    values = []
-    for c in range(ref.shape[2]):
-        x, y = ref[..., c], img[..., c]
-        mx, my = _filter_valid(x, kernel), _filter_valid(y, kernel)
-        vx = cov_norm * (_filter_valid(x * x, kernel) - mx * mx)
-        vy = cov_norm * (_filter_valid(y * y, kernel) - my * my)
-        cxy = cov_norm * (_filter_valid(x * y, kernel) - mx * my)
-        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-        values.append(float(s.mean()))
-    return float(np.mean(values))
+        sigma = min(sigma, ((window - 1) // 2) / _SKIMAGE_TRUNCATE)
+    if window < 3:
+        raise ValueError(f"images of {ref.shape[0]}x{ref.shape[1]} pixels are too small for SSIM (3x3 at least)")
+    return float(structural_similarity(ref, img, data_range=peak, channel_axis=-1, gaussian_weights=True,
+                                       sigma=sigma, use_sample_covariance=True, K1=0.01, K2=0.03))
 
 
 def finite_or_none(value: float) -> float | None:

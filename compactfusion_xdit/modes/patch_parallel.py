@@ -210,6 +210,6 @@ def install(pipe: Any, args: Any, group: Any, session: Any = None):
 
 def install_on(pipe: Any, mode: PatchParallel):
     """Hook `mode` into `pipe` (see `compactfusion_xdit.patches.patch_mode_hooks.attach`)."""
-    from compactfusion_xdit.patches import patch_parallel as hooks
+    from compactfusion_xdit.patches import patch_mode_hooks as hooks
 
     return hooks.attach(pipe, mode)

@@ -23,7 +23,7 @@ from typing import Any
 from compactfusion_xdit.patches._attrs import AttributePatcher
 
 #: One module per xfuser path, applied in this order (missing modules are skipped).
-COMPRESSION_PATCHES = ("lifecycle", "ulysses", "ring", "pipefusion", "legacy")
+COMPRESSION_PATCHES = ("lifecycle", "ulysses", "ring_attn", "pipefusion", "legacy")
 
 
 class _Installation:
@@ -54,12 +54,7 @@ def install(compression_config: Any = None) -> None:
         cpu_gloo.apply(patcher)
         pipefusion_gloo.apply(patcher)
         if compression_config is not None and getattr(compression_config, "enabled", False):
-            modules = _compression_patch_modules()
-            if not modules:
-                raise RuntimeError(
-                    f"compression {compression_config.name!r} asked for, but no compression patch module "
-                    f"({', '.join(COMPRESSION_PATCHES)}) exists in {__name__}; use --compression none"
-                )
+            modules = [importlib.import_module(f"{__name__}.{name}") for name in COMPRESSION_PATCHES]
             from compactfusion_xdit.core.session import CompressionSession
 
             session = CompressionSession(compression_config)
@@ -71,18 +66,6 @@ def install(compression_config: Any = None) -> None:
         raise
     _INSTALLATION.patcher = patcher
     _INSTALLATION.compression_config = compression_config
-
-
-def _compression_patch_modules() -> list:
-    modules = []
-    for name in COMPRESSION_PATCHES:
-        qualified = f"{__name__}.{name}"
-        try:
-            modules.append(importlib.import_module(qualified))
-        except ModuleNotFoundError as err:
-            if err.name != qualified:
-                raise
-    return modules
 
 
 def uninstall() -> None:
