@@ -35,6 +35,7 @@ import numpy as np
 from compactfusion_xdit.benchmarks import methods as bench_methods
 from compactfusion_xdit.benchmarks import metrics, netns
 from compactfusion_xdit.benchmarks.runs import BenchError, launch, run_stoppable
+from compactfusion_xdit.core.config import CompressionConfig
 from compactfusion_xdit.cli import ports
 
 DEFAULT_CODECS = "none,residual-int4,residual-int2,residual-1bit,plain-int4"
@@ -65,9 +66,16 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tag", default=None, help="5 hex digits naming this run's namespaces cfxb-TAG-* (default: from the pid)")
     p.add_argument("--fail-after-setup", action="store_true", help=argparse.SUPPRESS)  # tests: simulated failure
     opts = p.parse_args(argv)
+    if opts.requests < 1:  # the first request of each phase warms up and is never reported as latency
+        p.error(f"--requests {opts.requests}: at least one measured request is needed after the warm-up")
     if opts.quick:
         opts.ranks, opts.rates, opts.methods, opts.codecs = 2, "1gbit", "ulysses", "none,residual-int4"
         opts.model, opts.height, opts.width, opts.steps, opts.requests = "tiny-flux", 64, 64, 4, 1
+    for codec in opts.codecs.split(","):  # a bad name fails here, not in every launch
+        try:
+            CompressionConfig.parse(codec.strip())
+        except ValueError as err:
+            p.error(f"--codecs: {err}")
     return opts
 
 
@@ -95,7 +103,7 @@ def build_rows(method: str, codec: str, rates: list[str], result: dict, referenc
         quality = metrics.finite_or_none(metrics.psnr(reference, image))
     rows = []
     for rate, phase in zip(rates, result["phases"]):
-        lat = phase["latencies_s"] or [phase["warmup_s"]]
+        lat = phase["latencies_s"]
         rows.append({"method": method, "codec": codec, "rate": rate, "ranks": ranks,
                      "latency_s": statistics.median(lat), "latencies_s": lat, "warmup_s": phase["warmup_s"],
                      "raw_bytes": phase["raw_bytes"], "sent_bytes": phase["sent_bytes"],
@@ -227,7 +235,7 @@ def run(opts, out_dir: str | None = None) -> dict:
                      ports.free_port())[0]
         reference = ref["image"]
         phase = ref["phases"][0]
-        result["single_latency_s"] = statistics.median(phase["latencies_s"] or [phase["warmup_s"]])
+        result["single_latency_s"] = statistics.median(phase["latencies_s"])
         for method in chosen:  # one launch per method, one run per codec
             started = time.monotonic()
             flags = bench_methods.method_flags(method, opts.ranks)
@@ -278,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     for path in write(result, opts.out):
         print(f"wrote {path}")
+    failed = [r for r in result["rows"] if "error" in r]
+    if failed:
+        print(f"bench_network: {len(failed)} of {len(result['rows'])} runs failed (their rows hold the error)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -227,3 +227,14 @@ def test_network_quick_mode_measures_latency_bytes_and_psnr(tmp_path):
     assert rows["none"]["speedup_vs_none"] == 1.0 and coded["speedup_vs_none"] > 0
     assert (tmp_path / "bench_network.png").stat().st_size > 0
     assert netns.leftovers("ab0c5") == {"namespaces": [], "links": []}
+
+
+def test_network_refuses_an_unknown_codec_before_any_launch(tmp_path):
+    proc = _run_script("bench_network.py", "--codecs", "none,residual-int99", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--codecs: " in proc.stderr and "residual-int99" in proc.stderr, proc.stderr
+    assert not (tmp_path / "bench_network.json").exists()
+
+
+def test_network_needs_a_measured_request_besides_the_warm_up(tmp_path):
+    proc = _run_script("bench_network.py", "--requests", "0", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--requests 0" in proc.stderr, proc.stderr

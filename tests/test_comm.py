@@ -304,3 +304,45 @@ def test_many_keys_in_one_collective_equal_one_collective_per_key(scenario):
         many = results[rank]["many"]
         assert many["equal"] == [True] * STEPS and many["stats"] and many["caches"], many
         assert many["coded"] > 0 and all(n > 0 for n in many["fallbacks"]), many  # the raw side messages ran
+
+
+def check_broadcast(rank: int, world: int, name: str) -> dict:
+    """`broadcast` from rank 1 over 4 steps: seed (raw), two coded steps, a NaN step (raw follows),
+    then a forced-raw broadcast. Returns per step what each rank holds and the leader's stats."""
+    from compactfusion_xdit.comm import CompressedCommunicator
+    from compactfusion_xdit.core.config import CompressionConfig
+    from compactfusion_xdit.core.residual import ResidualState
+
+    comm = CompressedCommunicator(ResidualState(CompressionConfig.parse(name, warmup=1)))
+    held, sent = [], []
+    for step in range(5):
+        comm.state.set_step(step)
+        x = signal(1, 60, step, P2P)
+        if step == 3:
+            x[0, 0] = float("nan")
+        sent.append(x.clone())
+        buf = x.clone() if rank == 1 else torch.zeros(P2P)
+        comm.broadcast(("step", "latents"), buf, src=1, raw=step == 4)
+        held.append(buf)
+    return {"held": held, "sent": sent, "stats": comm.state.stats()["paths"].get("step"),
+            "wire": comm.state.wire_nbytes(P2P, torch.float32, ("step", "latents", 1, "all")),
+            "mismatches": comm.cache_mismatches()}
+
+
+def test_broadcast_codes_one_payload_for_every_receiver():
+    world, nbytes = 3, P2P[0] * P2P[1] * 4
+    results = run_ranks(f"{HERE}:check_broadcast", world, {"name": "residual-" + CODEC}, timeout=90)
+    leader = results[1]
+    for rank, r in enumerate(results):
+        assert r["mismatches"] == []
+        for step, (got, x) in enumerate(zip(r["held"], leader["sent"])):
+            if rank == 1 or step in (0, 3, 4):  # the source keeps x; seed, NaN and forced-raw steps are exact
+                assert same(got, x), (rank, step)
+            else:
+                assert 0 < rel(got, x) < 0.1, (rank, step)
+    receivers, wire = world - 1, leader["wire"]
+    stats = leader["stats"]
+    assert stats["messages"] == 5 * receivers and stats["raw_bytes"] == 5 * receivers * nbytes
+    # seed raw, 2 coded, NaN: the payload then x, forced raw
+    assert stats["sent_bytes"] == receivers * (nbytes + 2 * wire + (wire + nbytes) + nbytes)
+    assert results[0]["stats"] is None or results[0]["stats"]["messages"] == 0  # receivers count nothing

@@ -105,6 +105,18 @@ def test_supports_cpu_only_under_interpreter(monkeypatch):
     assert not fused.supports("1bit", x)
 
 
+def test_a_missing_triton_is_said_once_and_the_torch_path_takes_over(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors stand in for CUDA ones
+    monkeypatch.delenv("CFX_FORCE_TORCH", raising=False)
+    monkeypatch.setattr(fused, "triton_available", lambda: False)
+    fused._warn_no_triton.cache_clear()
+    x = torch.zeros(4, 8)
+    with pytest.warns(RuntimeWarning, match="Triton is not installed") as record:
+        assert not fused.supports("int4", x) and not fused.supports("int2", x)
+    assert len([w for w in record if "Triton is not installed" in str(w.message)]) == 1
+    fused._warn_no_triton.cache_clear()
+
+
 def test_bad_arguments_name_the_problem():
     x = torch.zeros(4, 8)
     with pytest.raises(ValueError, match="lowrank-4"):

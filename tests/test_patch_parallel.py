@@ -278,9 +278,18 @@ def test_xfuser_command_runs_displaced_compressed_patch_parallel(tmp_path):
     with open(out_dir / "stats.json") as f:
         stats = json.load(f)
     assert stats["world_size"] == 2 and stats["parallel"]["patch"] == 2 and stats["parallel"]["patch_mode"] == "displaced"
-    # tiny-flux: 4 attention layers, each rank's K (and V) is (1, 128 tokens, 4 heads, 16) fp32 = 32768
-    # bytes, residual-int2 wire 3073 bytes; output (1, 128, 16) fp32 = 8192 bytes per call.
-    run = {"kv_shapes": [(1, 128, 4, 16)] * 4, "wire_nbytes": [3073] * 4, "out_nbytes": 8192}
+    # Derived from the model and the codec: every attention layer gathers each rank's K and V
+    # (1, own image tokens, heads, head dim); the output gather moves (1, own tokens, channels) per call.
+    from compactfusion_xdit.core.residual import ResidualState
+    from compactfusion_xdit.models import registry
+
+    config = registry.backbone_config(registry.resolve("tiny-flux"))
+    own_tokens = latents.shape[1] // 2
+    kv_shape = (1, own_tokens, config["num_attention_heads"], config["attention_head_dim"])
+    layers = config["num_layers"] + config["num_single_layers"]
+    wire = ResidualState("residual-int2").wire_nbytes(kv_shape, torch.float32)
+    run = {"kv_shapes": [kv_shape] * layers, "wire_nbytes": [wire] * layers,
+           "out_nbytes": own_tokens * latents.shape[2] * 4}
     raw, sent, messages = expected_patch_bytes(run, "displaced")
     patch = stats["paths"]["patch"]
     assert (patch["raw_bytes"], patch["sent_bytes"], patch["messages"]) == (2 * raw, 2 * sent, 2 * messages)

@@ -2,10 +2,10 @@
 sender's reconstruction bitwise after every message of every step, on every path, for every codec.
 
 The per-message history (compactfusion_xdit.core.cache_history) is compared after the request, so the
-check needs no collective during it and covers pipelined PipeFusion stages too. The CI test runs
-PipeFusion (the path whose step-boundary check had to be skipped) over 20 steps with residual-1bit
-and residual-int4 with a deliberately corrupted cache; the full matrix (every layout x every codec, 20 steps) is
-marked slow.
+check needs no collective during it and covers pipelined PipeFusion stages too. The tests outside the
+slow set run PipeFusion (the path whose step-boundary check had to be skipped) over 20 steps with
+residual-1bit and residual-int4 with a deliberately corrupted cache; the full matrix (every layout x
+every codec, 20 steps) is marked slow: CI does not run it (``python -m pytest -m slow`` does).
 """
 
 from __future__ import annotations

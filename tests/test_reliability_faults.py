@@ -105,6 +105,41 @@ def test_a_frozen_rank_is_timed_out_and_named(tmp_path):
     print(f"rank 0 exited {waited:.1f} s after rank 1 froze")
 
 
+FROZEN_PEER = """
+import os, signal, sys
+import torch, torch.distributed as dist
+from compactfusion_xdit.reliability import liveness
+liveness.init_process_group("gloo")
+liveness.start_liveness()
+if dist.get_rank() == 1:
+    print("freezes", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as err:
+    print(f"error (rank 0): {liveness.lost_ranks_note()}{type(err).__name__}", flush=True)
+    sys.exit(1)
+"""
+
+
+def test_a_frozen_peer_is_timed_out_and_named_without_a_model(tmp_path):
+    """The CI-sized twin of the slow test above: the same timeout and probe, around one collective."""
+    script = tmp_path / "frozen_peer.py"
+    script.write_text(FROZEN_PEER)
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {**rank_env(rank, 2, port), "CFX_COMM_TIMEOUT_S": "3"}
+        log = str(tmp_path / f"rank{rank}.log")
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen([sys.executable, str(script)], env=env, stdout=f, stderr=subprocess.STDOUT,
+                                           start_new_session=True), log))
+    waited, log = wait_for_survivor(procs, 1, lambda: "freezes" in open(procs[1][1]).read())
+    assert procs[0][0].returncode == 1, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error (rank 0): rank 1 was lost"), log[-3000:]
+    assert 3 <= waited < GRACE_S  # not before the timeout, and never a hang
+
+
 @pytest.mark.slow
 def test_a_rank_that_dies_under_the_xfuser_command_fails_the_launch(tmp_path):
     """Through ``xfuser`` (torchrun's agent stops the survivors): non-zero status, the lost rank named."""

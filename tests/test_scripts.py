@@ -230,3 +230,27 @@ def test_bench_network_tiny_unshaped_run(tmp_path):
     rows = {r["codec"]: r for r in json.loads((tmp_path / "bench_network.json").read_text())["rows"]}
     assert set(rows) == {"none", "residual-int4"}
     assert all(r["latency_s"] > 0 for r in rows.values())
+
+
+def test_bench_fidelity_scores_lpips_with_a_local_torchscript_module(tmp_path):
+    """--lpips-weights: a local TorchScript distance (here mean |a - b| over [-1, 1] images) is loaded
+    and reported per image and on average; nothing is downloaded."""
+    import numpy as np
+    import torch
+
+    class MeanAbs(torch.nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a - b).abs().mean().reshape(1)
+
+    weights = tmp_path / "distance.pt"
+    torch.jit.script(MeanAbs()).save(str(weights))
+    spec = importlib.util.spec_from_file_location("bench_fidelity_script", os.path.join(SCRIPTS, "bench_fidelity.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ref = np.zeros((8, 8, 3), dtype=np.uint8)
+    img = np.full((8, 8, 3), 51, dtype=np.uint8)  # 51 / 127.5 = 0.4 in [-1, 1] units
+    summary = script.score([ref, ref], [img, ref], [{"seed": 0}, {"seed": 1}], script.Lpips(str(weights)))
+    assert [e["lpips"] for e in summary["per_image"]] == pytest.approx([0.4, 0.0], abs=1e-6)
+    assert summary["lpips"] == pytest.approx(0.2, abs=1e-6)
+    with pytest.raises(ValueError, match="does not exist"):
+        script.Lpips(str(tmp_path / "missing.pt"))

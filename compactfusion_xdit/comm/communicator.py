@@ -306,6 +306,44 @@ class CompressedCommunicator:
         """Blocking `irecv`."""
         return self.irecv(key, shape, dtype, src, group, tag, device, out).wait()
 
+    # ----- broadcast ------------------------------------------------------------------------------
+    def broadcast(self, key: Hashable, x: torch.Tensor, src: int, group: dist.ProcessGroup | None = None,
+                  raw: bool = False) -> torch.Tensor:
+        """Like ``dist.broadcast(x, src, group)``, in place on a contiguous `x`: the source keeps its
+        exact x, every other rank gets its reconstruction. One payload serves every receiver (link
+        ``(*key, src, "all")``); `raw` sends x uncoded whatever the config says. The source counts
+        the traffic as one message per receiver.
+
+            comm.broadcast(("step", "latents"), latents, src=leader)
+        """
+        g = self._group(group)
+        state = self.state
+        leader = dist.get_rank() == src
+        receivers = dist.get_world_size(g) - 1
+        path, link, shape = path_of(key), link_key(key, src, "all"), tuple(x.shape)
+        nbytes = x.numel() * x.element_size()
+        kind = MessageKind.RAW if raw else state.message_kind(key, shape, x.dtype)
+        if kind is not MessageKind.CODED:
+            dist.broadcast(x, src=src, group=g)
+            if kind is MessageKind.SEED:
+                (state.seed_sender if leader else state.seed_receiver)(link, x)
+            if leader:
+                state.record(path, kind, receivers * nbytes, receivers * nbytes, receivers)
+            return x
+        wire = self.buffers.get(key, "bcast", (state.wire_nbytes(shape, x.dtype, link),), x.device)
+        if leader:
+            state.encode(link, x, out=wire)
+        dist.broadcast(wire, src=src, group=g)
+        follows = fallback_follows(wire)  # the source had no cache or x was not finite: x follows
+        if follows:
+            dist.broadcast(x, src=src, group=g)
+        if leader:
+            state.record(path, kind, receivers * nbytes, receivers * (wire.numel() + (nbytes if follows else 0)),
+                         receivers)
+        else:
+            state.decode(link, wire, shape, x.dtype, fallback=x if follows else None, out=x, raw_follows=follows)
+        return x
+
     # ----- ring -----------------------------------------------------------------------------------
     def ring_exchange(self, key: Hashable, tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None = None,
                       tag: int = 0):

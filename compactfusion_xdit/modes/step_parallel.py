@@ -313,39 +313,16 @@ class StepParallel:
         self.counts["windows"] += 1
 
     def _broadcast_latents(self, where: Round, x: torch.Tensor) -> None:
-        """Rank 0's latents to every rank, in place. Residual-coded (one payload for all receivers,
-        link ``("step", "latents", rank0, "all")``) except in the final window, which is raw."""
-        from compactfusion_xdit.core.residual import MessageKind, fallback_follows
-
-        group, src, leader = self._group(), self.ranks[0], self.rank == 0
-        state = None if self.session is None else self.session.state
-        final = where.start + where.length >= self.total
-        key = (PATH, "latents")
-        link = (*key, src, "all")
-        shape = tuple(x.shape)
-        if state is None or final:
-            kind = MessageKind.RAW
-        else:
-            kind = self._with_window_step(where.window, lambda: state.message_kind(key, shape, x.dtype))
-        nbytes, receivers = x.numel() * x.element_size(), self.degree - 1
-        if kind is not MessageKind.CODED:
-            dist.broadcast(x, src=src, group=group)
-            if kind is MessageKind.SEED:
-                (state.seed_sender if leader else state.seed_receiver)(link, x)
-            if state is not None and leader:
-                state.record(PATH, kind, receivers * nbytes, receivers * nbytes, receivers)
+        """Rank 0's latents to every rank, in place: residual-coded through the communicator (one
+        payload for all receivers, link ``("step", "latents", rank0, "all")``) except in the final
+        window, which is raw so that every rank ends with rank 0's latents bitwise."""
+        src, comm = self.ranks[0], self._comm()
+        if comm is None:
+            dist.broadcast(x, src=src, group=self._group())
             return
-        wire = torch.empty(state.wire_nbytes(shape, x.dtype, link), dtype=torch.uint8, device=x.device)
-        if leader:
-            state.encode(link, x, out=wire)
-        dist.broadcast(wire, src=src, group=group)
-        raw = fallback_follows(wire)  # the sender had no cache or x was not finite: x follows
-        if raw:
-            dist.broadcast(x, src=src, group=group)
-        if leader:
-            state.record(PATH, kind, receivers * nbytes, receivers * (wire.numel() + (nbytes if raw else 0)), receivers)
-        else:
-            state.decode(link, wire, shape, x.dtype, fallback=x if raw else None, out=x, raw_follows=raw)
+        final = where.start + where.length >= self.total
+        self._with_window_step(where.window, lambda: comm.broadcast((PATH, "latents"), x, src, self.group, raw=final))
+
 
 def install(pipe: Any, args: Any, group: dist.ProcessGroup | None, session: Any) -> StepParallel:
     """The layout's installer (`compactfusion_xdit.modes.layout`): ParaStep on the built pipeline

@@ -123,11 +123,15 @@ def apply(patcher: AttributePatcher, session: Any) -> list[str]:
         _, layer, _ = keys.output_key()
         return CompressedRingComm(session, ("legacy", layer, "ring"), process_group)
 
+    # yunchang's own name first: a ring module imported later (one that cannot import now, say)
+    # binds the compressed class, so no ring runs stock and uncounted
+    utils = sys.modules["yunchang.ring.utils"]
+    patcher.replace(utils, "RingComm", ring_comm)
     patched = []
     for name in RING_MODULES:
         try:
             module = sys.modules.get(name) or importlib.import_module(name)
-        except Exception:  # optional kernels (flashinfer, NPU) absent: nothing of theirs can run
+        except ImportError:  # optional kernels (flashinfer, NPU) absent: it binds ours if it ever imports
             continue
         if getattr(module, "RingComm", None) is stock:
             patcher.replace(module, "RingComm", ring_comm)

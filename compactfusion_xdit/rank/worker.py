@@ -272,8 +272,10 @@ def _request_result(loaded: Loaded, args, world, served: serving.Served, session
     return RunResult(world.rank, world.world_size, is_output_rank, output, stats)
 
 
-def resident_bytes() -> int:
-    """This process's resident set size (Linux /proc)."""
+def resident_bytes() -> int | None:
+    """This process's resident set size; None where the system does not say (no /proc)."""
+    if not os.path.exists("/proc/self/statm"):
+        return None
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 

@@ -18,6 +18,7 @@ the kernels).
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -49,7 +50,18 @@ def supports(codec_name: str, x: torch.Tensor) -> bool:
         return False
     if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
         return False
-    return triton_available()
+    if not triton_available():
+        _warn_no_triton()
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_triton() -> None:
+    """Once per process: CUDA tensors are coded by the torch reference path (same bits, slower)."""
+    warnings.warn("compactfusion_xdit: Triton is not installed, so the codecs run the torch reference path "
+                  "on CUDA (the same payloads, several times slower); pip install triton", RuntimeWarning,
+                  stacklevel=3)
 
 
 # ---- tensor-level API (payload tensors in wire order) ----------------------------------------
