@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import statistics
@@ -113,7 +112,8 @@ def build_rows(method: str, codec: str, rates: list[str], result: dict, referenc
 
 def fill_derived(rows: list[dict]) -> None:
     """Raw bytes of the uncompressed runs (not counted by the plugin) from a coded run of the same
-    method; speed-up against ``none``; the uncompressed exchange's estimated share of a request."""
+    method; speed-up against ``none``; the uncompressed exchange's estimated share of a request; and
+    for coded rows the efficiency (`efficiency`)."""
     by_key = {(r["method"], r["codec"], r["rate"]): r for r in rows if "error" not in r}
     raw_of = {}
     for r in by_key.values():
@@ -131,6 +131,23 @@ def fill_derived(rows: list[dict]) -> None:
             r["comm_share_none"] = min(1.0, (raw / r["ranks"]) * 8 / bits / base["latency_s"])
         else:
             r["comm_share_none"] = None
+    for r in by_key.values():
+        base = by_key.get((r["method"], "none", r["rate"]))
+        r.update(efficiency(r, None if base is None else base.get("comm_share_none")))
+
+
+def efficiency(row: dict, share: float | None) -> dict:
+    """The byte-ratio bound and how much of it a coded row reached.
+
+    With `share` s the uncompressed exchange's share of the request and r = raw / sent bytes, coding
+    can at best turn the request time T into T((1 - s) + s / r), a speed-up of 1 / ((1 - s) + s / r):
+    the ``bound``. ``efficiency`` is the measured speed-up over that bound (1: coding cost nothing)."""
+    raw, sent, speedup = row.get("raw_bytes"), row.get("sent_bytes"), row.get("speedup_vs_none")
+    if row["codec"] == "none" or share is None or not raw or not sent or speedup is None:
+        return {"byte_ratio": None, "bound": None, "efficiency": None}
+    ratio = raw / sent
+    bound = 1.0 / ((1.0 - share) + share / ratio)
+    return {"byte_ratio": ratio, "bound": bound, "efficiency": speedup / bound}
 
 
 def _mb(n) -> str:
@@ -166,10 +183,17 @@ def markdown(result: dict) -> str:
             lines.append(f"| {method} | {codec} | " + " | ".join(cells) + f" | {_mb(any_row['sent_bytes'])} | "
                          f"{_mb(any_row['raw_bytes'])} | {psnr} |")
     share = "".join(f"\n- {m}: {', '.join(v)}" for m, v in shares.items())
+    eff = ["| method | codec | rate | share s | bytes r | bound | speed-up | efficiency |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    eff += [f"| {r['method']} | {r['codec']} | {r['rate']} | {r['comm_share_none']:.2f} | {r['byte_ratio']:.2f} | "
+            f"{r['bound']:.2f}x | {r['speedup_vs_none']:.2f}x | {r['efficiency']:.2f} |"
+            for r in rows if r.get("efficiency") is not None]
     errors = sorted({(r["method"], r["error"][:300]) for r in result["rows"] if "error" in r})
     tail = "".join(f"\n- {m} failed: {e}" for m, e in errors)
     return (head + "\n".join(lines) + "\n\nUncompressed exchange as a share of the request (per-rank raw bytes at the "
-            "link rate / the uncompressed latency):" + share + ("\n\nFailed launches:" + tail if errors else "") + "\n")
+            "link rate / the uncompressed latency):" + share
+            + "\n\nEfficiency: measured speed-up / the bound 1 / ((1 - s) + s / r) that the byte ratio r sets at "
+            "exchange share s:\n\n" + "\n".join(eff) + ("\n\nFailed launches:" + tail if errors else "") + "\n")
 
 
 def plot(result: dict, path: str) -> None:
@@ -183,23 +207,29 @@ def plot(result: dict, path: str) -> None:
     rates = result["rates"]
     if not methods:
         return
-    cols = min(3, len(methods))
-    nrows = math.ceil(len(methods) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
-    for ax, method in zip(axes.flat, methods):
-        for codec in dict.fromkeys(r["codec"] for r in rows):
-            pts = {r["rate"]: r["latency_s"] for r in rows if r["method"] == method and r["codec"] == codec}
-            xs = [i for i, rate in enumerate(rates) if rate in pts]
-            ax.plot(xs, [pts[rates[i]] for i in xs], marker="o", label=codec)
-        ax.set_title(f"{method} ({result['ranks']} ranks)")
-        ax.set_xticks(range(len(rates)), rates)
-        ax.set_yscale("log")
-        ax.set_ylabel("latency per request (s)")
-        ax.grid(True, alpha=0.3)
-    for ax in list(axes.flat)[len(methods):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{result['model']} {result['height']}x{result['width']}, {result['steps']} steps: latency vs link rate")
+    # one column per method: latency on top, efficiency (speed-up / byte-ratio bound) below
+    fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 6.4), squeeze=False)
+    codecs = list(dict.fromkeys(r["codec"] for r in rows))
+    for col, method in enumerate(methods):
+        top, bottom = axes[0][col], axes[1][col]
+        for codec in codecs:
+            mine = {r["rate"]: r for r in rows if r["method"] == method and r["codec"] == codec}
+            xs = [i for i, rate in enumerate(rates) if rate in mine]
+            top.plot(xs, [mine[rates[i]]["latency_s"] for i in xs], marker="o", label=codec)
+            eff = [(i, mine[rates[i]]["efficiency"]) for i in xs if mine[rates[i]].get("efficiency") is not None]
+            if eff:
+                bottom.plot([i for i, _ in eff], [e for _, e in eff], marker="o", label=codec)
+        top.set_title(f"{method} ({result['ranks']} ranks)")
+        top.set_yscale("log")
+        top.set_ylabel("latency per request (s)")
+        bottom.axhline(1.0, color="grey", linewidth=0.8)
+        bottom.set_ylabel("efficiency (speed-up / bound)")
+        for ax in (top, bottom):
+            ax.set_xticks(range(len(rates)), rates)
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{result['model']} {result['height']}x{result['width']}, {result['steps']} steps: "
+                 "latency and efficiency vs link rate")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -238,3 +239,20 @@ def test_network_refuses_an_unknown_codec_before_any_launch(tmp_path):
 def test_network_needs_a_measured_request_besides_the_warm_up(tmp_path):
     proc = _run_script("bench_network.py", "--requests", "0", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--requests 0" in proc.stderr, proc.stderr
+
+
+def test_network_efficiency_is_the_speedup_over_the_byte_ratio_bound():
+    spec = importlib.util.spec_from_file_location("bench_network_script", os.path.join(SCRIPTS, "bench_network.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = {"method": "ring", "rate": "10mbit", "ranks": 2, "psnr_db": None, "identical": True, "warmup_s": 1.0}
+    rows = [{**base, "codec": "none", "latency_s": 10.0, "latencies_s": [10.0], "raw_bytes": 0, "sent_bytes": 0},
+            {**base, "codec": "residual-int4", "latency_s": 4.0, "latencies_s": [4.0], "raw_bytes": 4_000_000,
+             "sent_bytes": 1_000_000}]
+    script.fill_derived(rows)
+    none, coded = rows
+    # per-rank raw bytes 2 MB at 10 Mbit/s = 1.6 s of the uncompressed 10 s: s = 0.16, r = 4
+    assert coded["comm_share_none"] == pytest.approx(0.16) and coded["byte_ratio"] == 4.0
+    assert coded["bound"] == pytest.approx(1 / (0.84 + 0.04))
+    assert coded["efficiency"] == pytest.approx(2.5 * (0.84 + 0.04))
+    assert none["efficiency"] is None
