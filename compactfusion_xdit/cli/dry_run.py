@@ -40,6 +40,7 @@ def settings(argv: list[str]) -> argparse.Namespace:
         close = difflib.get_close_matches(flags[0], known, n=1)
         hint = f"; did you mean {close[0]}?" if close else "; xfuser --help lists every flag"
         raise plan.UsageError(f"unrecognized flag {flags[0]}{hint}")
+    cli_args.apply_native_settings(ns, argv)  # a built-in's own size and steps, as the ranks will
     return ns
 
 

@@ -69,14 +69,23 @@ def _both_spellings(flag: str) -> list[str]:
 
 
 def add_compactfusion_args(parser: argparse.ArgumentParser) -> None:
-    """Our flags: compression, outputs, dtype. Defaults keep xfuser's plain behaviour."""
+    """Our flags: compression, outputs, dtype, verbosity. Defaults keep xfuser's plain behaviour."""
     group = add_compression_args(parser)
     group.add_argument(*_both_spellings("--output_dir"), dest="output_dir", default="out", metavar="DIR",
                        help="the last rank writes image_0.png (or latents.npy) and stats.json here (default out)")
     group.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                        help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    add_verbose_arg(group)
     add_request_args(parser)
     add_mode_args(parser)
+
+
+def add_verbose_arg(parser) -> None:
+    """``--verbose``: the ranks show xfuser's, diffusers' and transformers' logs and warnings
+    (hidden by default: a run prints its progress bar and a summary)."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' log lines, warnings and loading bars (default: progress bar and "
+                        "summary only)")
 
 
 def add_request_args(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +217,25 @@ def compression_config(ns: argparse.Namespace):
                              f"use e.g. residual-{config.codec}")
         config = CompressionConfig.parse(config, error_feedback=False)
     return config
+
+
+def given(argv: list[str], dest: str) -> bool:
+    """Whether the command line `argv` sets the flag of `dest` (``--dest v``, ``--dest=v``, dashes or
+    underscores), as opposed to leaving it at the parser's default."""
+    return any(arg.startswith("--") and arg[2:].partition("=")[0].replace("-", "_") == dest for arg in argv)
+
+
+def apply_native_settings(ns: argparse.Namespace, argv: list[str]) -> dict:
+    """A built-in ``--model`` runs at its own size and step count (`registry.NATIVE_SETTINGS`), not
+    xfuser's 1024x1024 / 20 steps: each setting the command line does not give is replaced in `ns`.
+    Returns the settings applied ({} for a local folder or when every one was given)."""
+    from compactfusion_xdit.models import registry
+
+    applied = {dest: value for dest, value in registry.NATIVE_SETTINGS.get(getattr(ns, "model", None), {}).items()
+               if hasattr(ns, dest) and not given(argv, dest)}
+    for dest, value in applied.items():
+        setattr(ns, dest, value)
+    return applied
 
 
 def compile_conflict(ns: argparse.Namespace) -> str | None:

@@ -26,8 +26,11 @@ from compactfusion_xdit.core.residual import ResidualState
 class CompressionSession:
     """Config, the residual state shared by every path, and one communicator per process group."""
 
-    def __init__(self, config: CompressionConfig | str | None = None) -> None:
+    def __init__(self, config: CompressionConfig | str | None = None, count_raw: bool = False) -> None:
         self.config = CompressionConfig.parse(config)
+        #: Route the paths of ``config.paths`` through this session even where nothing is coded, so
+        #: their raw bytes are counted (``--compression none`` in the ranks: raw_bytes == sent_bytes).
+        self.count_raw = count_raw
         self.state = ResidualState(self.config)
         self.requests = 0
         self._comms: dict[Any, CompressedCommunicator] = {}
@@ -79,6 +82,11 @@ class CompressionSession:
 
     def compresses(self, path: str) -> bool:
         return self.config.compresses(path)
+
+    def routes(self, path: str) -> bool:
+        """Whether the exchanges of `path` go through this session: it compresses them, or it
+        counts raw traffic (`count_raw`) and `path` is one of the config's paths."""
+        return self.compresses(path) or (self.count_raw and path in self.config.paths)
 
     def stats(self) -> dict[str, Any]:
         return {**self.state.stats(), "requests": self.requests}

@@ -31,6 +31,22 @@ TINY = ("tiny-flux", "tiny-pixart", "tiny-sd3", "digits-flux")
 TINY_MORE = ("tiny-pixart-sigma", "tiny-wan", "tiny-hunyuan-video")
 BUILTIN_MODELS = TINY + TINY_MORE
 
+#: What each built-in runs at unless the command line gives ``--height``, ``--width``,
+#: ``--num_inference_steps`` (``--num_frames``): xfuser's own defaults (1024x1024, 20 steps) are
+#: sized for real models. digits-flux was trained on 16x16 images and sampled with 20 steps and
+#: 16 text tokens (docs/digits_flux.md; its text tokens are all alike, so 512 would only cost time). The random tiny models draw noise at any size: 64x64 (Flux: 32x32
+#: latents, 256 image tokens; PixArt/SD3: 8x8 latents) is the smallest size that still splits
+#: over Ulysses, ring, PipeFusion and patch degrees up to 4, and 8 steps cover the compression
+#: warm-up plus several coded steps, in about a second on a CPU. The video stand-ins use 32x32
+#: and 5 frames, as their loading tests do.
+NATIVE_SETTINGS = {
+    "digits-flux": {"height": 16, "width": 16, "num_inference_steps": 20, "max_sequence_length": 16},
+    **{name: {"height": 64, "width": 64, "num_inference_steps": 8}
+       for name in ("tiny-flux", "tiny-pixart", "tiny-sd3", "tiny-pixart-sigma")},
+    **{name: {"height": 32, "width": 32, "num_inference_steps": 8, "num_frames": 5}
+       for name in ("tiny-wan", "tiny-hunyuan-video")},
+}
+
 
 class ModelError(ValueError):
     """``--model`` names nothing this plugin can load; the message says what to pass instead."""

@@ -61,8 +61,8 @@ class KeyedDistributed:
 
 def apply(patcher: AttributePatcher, session: Any) -> KeyedDistributed | None:
     """Route yunchang's SeqAllToAll4D exchanges and RingComm rings through `session` (nothing replaced
-    if "legacy" is off)."""
-    if not session.compresses("legacy"):
+    unless it routes "legacy": compresses it, or counts raw bytes)."""
+    if not session.routes("legacy"):
         return None
     legacy_ring.apply(patcher, session)
     from yunchang.comm import all_to_all as a2a_module

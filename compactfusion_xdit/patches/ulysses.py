@@ -22,7 +22,9 @@ the same collectives in the same order) and the same layer at every step. The co
 when ``(session.requests, session.step)`` changes (see ``patches.lifecycle``).
 
 Pass-through: tensors the codecs do not code (FP8 with ``--use_fp8_comms``, integers) go through
-xfuser's functions untouched; nothing is replaced when the config does not compress "ulysses".
+xfuser's functions untouched; nothing is replaced unless the session routes "ulysses" (it compresses
+the path, or counts raw bytes with ``--compression none``: every message then travels raw, bitwise
+the stock exchange).
 """
 
 from __future__ import annotations
@@ -162,8 +164,8 @@ class UlyssesExchange:
 
 
 def apply(patcher: AttributePatcher, session: Any) -> UlyssesExchange | None:
-    """Route xfuser's Ulysses all-to-alls through `session` (nothing replaced if "ulysses" is off)."""
-    if not session.compresses("ulysses"):
+    """Route xfuser's Ulysses all-to-alls through `session` (nothing replaced unless it routes "ulysses")."""
+    if not session.routes("ulysses"):
         return None
     from xfuser.model_executor.layers import usp
 

@@ -1,5 +1,6 @@
 """What a run shows and writes: the step progress bar, image/video files, the closing summary line.
 
+    outputs.quiet_libraries(verbose=False)              # first thing in a rank: no third-party logs
     outputs.quiet_progress(pipe, rank)                  # tqdm over denoising steps on rank 0 only
     outputs.write_request_files([RequestFiles("images", images, stats)], "out", "image")
     print(outputs.summary_line(elapsed, requests, raw_bytes, sent_bytes))
@@ -14,10 +15,41 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
+
+#: Libraries whose warnings a rank hides unless ``--verbose`` (a `warnings` module regex).
+THIRD_PARTY = r"(diffusers|transformers|torch|xfuser|yunchang|huggingface_hub|accelerate|flash_attn)(\.|$)"
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Hide the libraries' log lines, warnings and loading bars unless `verbose`.
+
+    Call it before xfuser, diffusers or transformers are imported: xfuser reads ``LOG_LEVEL`` and
+    transformers ``TRANSFORMERS_VERBOSITY`` when their logging modules load. A variable the user
+    set is kept. Errors still show; the denoising bar (`quiet_progress`) is not affected; diffusers'
+    loading bar is hidden by `quiet_loading` once diffusers is imported anyway."""
+    if verbose:
+        return
+    for name, value in (("LOG_LEVEL", "ERROR"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("DIFFUSERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)
+    for name in ("xfuser", "diffusers", "transformers", "torch", "yunchang"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=THIRD_PARTY)
+
+
+def quiet_loading(verbose: bool) -> None:
+    """Hide diffusers' "Loading pipeline components" bar unless `verbose` (it reads no variable;
+    call after xfuser is imported, as importing diffusers alone takes seconds)."""
+    if not verbose:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
 
 
 def quiet_progress(pipe: Any, rank: int) -> None:
@@ -135,16 +167,51 @@ def write_request_files(results: Sequence[RequestFiles], directory: str, name: s
     return written + [path]
 
 
-def summary_line(elapsed_s: float, requests: int, raw_bytes: int, sent_bytes: int, compression: str) -> str:
-    """The closing line rank 0 prints: time, bytes saved, compression ratio."""
-    if compression == "none" or raw_bytes == 0:
-        traffic = "compression none (no bytes saved)"
+def produced_size(items: Any) -> tuple[int, int] | None:
+    """``(height, width)`` of the first image or video frame of a pipeline output (PIL images, or
+    frames as PIL images or a (..., H, W, C) array); None for latents or no output."""
+    first = items
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if hasattr(first, "convert") and hasattr(first, "size"):  # a PIL image: size is (width, height)
+        return int(first.size[1]), int(first.size[0])
+    if isinstance(first, np.ndarray) and first.ndim >= 3 and first.shape[-1] in (1, 3, 4):
+        return int(first.shape[-3]), int(first.shape[-2])
+    return None
+
+
+def from_output_rank(paths: list[str]) -> list[str]:
+    """The output rank's `paths`, on every rank (a collective over the world group; waits until
+    that rank has written them). Without torch.distributed: `paths` itself."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return paths
+    box = [paths]
+    dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
+    return box[0]
+
+
+def summary_line(elapsed_s: float, requests: int, raw_bytes: int, sent_bytes: int, compression: str,
+                 written: Sequence[str] | None = None) -> str:
+    """The closing line rank 0 prints: time, the file written (or how many), bytes sent and saved,
+    compression ratio. `written`: the paths written (stats.json is not named)."""
+    files = [p for p in written or () if os.path.basename(p) != "stats.json"]
+    where = ""
+    if len(files) == 1:
+        where = f" -> {files[0]}"
+    elif files:
+        where = f" -> {len(files)} files in {os.path.dirname(files[0]) or '.'}"
+    if raw_bytes == 0:
+        traffic = f"compression {compression} (no bytes saved)"
+    elif compression == "none":
+        traffic = f"compression none: sent {_size(sent_bytes)} uncompressed, ratio 1.00x"
     else:
         saved = raw_bytes - sent_bytes
         traffic = (f"compression {compression}: sent {_size(sent_bytes)} of {_size(raw_bytes)}, "
                    f"saved {_size(saved)} ({saved / raw_bytes:.1%}), ratio {raw_bytes / sent_bytes:.2f}x")
     plural = "" if requests == 1 else "s"
-    return f"done: {requests} request{plural} in {elapsed_s:.2f} s; {traffic}"
+    return f"done: {requests} request{plural} in {elapsed_s:.2f} s{where}; {traffic}"
 
 
 def _size(n: int) -> str:

@@ -34,6 +34,7 @@ from compactfusion_xdit.models import registry
 from compactfusion_xdit.patches import cpu_gloo
 from compactfusion_xdit.rank import outputs, serving, worker
 from compactfusion_xdit.rank import requests as request_list
+from compactfusion_xdit.rank import traffic as rank_traffic
 from compactfusion_xdit.reliability import orphans
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     xFuserArgs.add_runner_args(parser)
     cli_args.add_compression_args(parser)
     cli_args.add_request_args(parser)
+    cli_args.add_verbose_arg(parser)
     parser.add_argument("--dtype", default=None, choices=cli_args.DTYPE_NAMES,
                         help="cast the loaded pipeline (default: the runner model's own dtype)")
     return parser
@@ -77,12 +79,14 @@ def run(argv: list[str]) -> int:
     from compactfusion_xdit.patches._attrs import AttributePatcher
 
     ns = build_parser().parse_args(argv)
+    cli_args.apply_native_settings(ns, argv)  # a built-in's own size and steps where none are given
     config = checks.compression_config(ns)
     try:
         requests = request_list.listed_requests(argv, ns.prompt_file)
     except request_list.RequestError as err:
         raise UsageError(str(err)) from None
-    patches.install(config)  # before xfuser builds its config or the model
+    # before xfuser builds its config or the model; `none` still counts what the exchanges send
+    patches.install(config, count=not getattr(ns, "use_torch_compile", False))
     ns.model = resolve_model(ns.model, worker.DTYPES.get(ns.dtype) if ns.dtype else None)
     if requests:
         ns.prompt = [requests[0].prompt]  # xfuser validates that a prompt exists
@@ -98,6 +102,7 @@ def _serve(config: dict, requests: list | None) -> int:
     from xfuser.core.distributed import get_world_group
     from xfuser.runner import xFuserModelRunner
 
+    outputs.quiet_loading(config.get("verbose", False))
     runner = xFuserModelRunner(config)
     input_args = runner.preprocess_args(config)
     runner.initialize(input_args)
@@ -117,13 +122,16 @@ def _serve(config: dict, requests: list | None) -> int:
         return _run_request(runner, model, args)
 
     served = serving.serve_requests(session, requests, run_one)
-    if world.rank == world.world_size - 1:
-        for path in _write(model, served, config["output_directory"]):
-            print(f"wrote {path}")
+    written = _write(model, served, config["output_directory"]) if world.rank == world.world_size - 1 else []
+    written = outputs.from_output_rank(written)  # rank 0 names the files, after they exist
     if world.rank == 0:
+        if session is not None and session.config.check:
+            for s in served:
+                print(rank_traffic.check_verdict(s.traffic))
         raw, sent = sum(s.traffic["raw_bytes"] for s in served), sum(s.traffic["sent_bytes"] for s in served)
         name = session.config.name if session is not None else "none"
-        print(outputs.summary_line(sum(s.elapsed_s for s in served), len(served), raw, sent, name), flush=True)
+        print(outputs.summary_line(sum(s.elapsed_s for s in served), len(served), raw, sent, name, written),
+              flush=True)
     _cleanup(runner)
     return 0
 
@@ -146,6 +154,10 @@ def _write(model, served: list, directory: str) -> list[str]:
         stats = {**s.request.__dict__, "elapsed_s": s.elapsed_s, **s.traffic, "video_backend": outputs.video_backend()}
         videos = s.output is not None and not s.output.images and s.output.videos
         items = None if s.output is None else (s.output.videos if videos else s.output.images)
+        size = outputs.produced_size(items)
+        if size is not None and size != (stats["height"], stats["width"]):  # the pipeline rounded the size
+            stats.update(requested_height=stats["height"], requested_width=stats["width"])
+            stats["height"], stats["width"] = size
         files.append(outputs.RequestFiles("videos" if videos else "images", items, stats))
     return outputs.write_request_files(files, directory, model.settings.output_name or "output",
                                        fps=model.settings.fps or 16)
@@ -164,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m compactfusion_xdit.rank.runner`` (one rank)."""
     orphans.exit_with_parent()  # this rank ends when torchrun (or the launcher) dies
     argv = list(sys.argv[1:] if argv is None else argv)
+    outputs.quiet_libraries(verbose="--verbose" in argv)  # before xfuser and diffusers are imported
     if not os.environ.get("RANK"):  # like xfuser.runner: a single process without torchrun
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(ports.free_port()))

@@ -7,14 +7,16 @@ import sys
 import torch.distributed as dist
 
 #: What a run without a session (``--compression none``) reports.
-NO_TRAFFIC = {"raw_bytes": 0, "sent_bytes": 0, "ratio": 1.0, "paths": {}, "cache_consistent": None}
+NO_TRAFFIC = {"raw_bytes": 0, "sent_bytes": 0, "ratio": 1.0, "paths": {}, "cache_consistent": None,
+              "cache_mismatches": None}
 
 
 def compression_traffic(session) -> dict:
     """Bytes over every rank (a collective over the world group when a session exists):
     ``raw_bytes`` (what the uncompressed exchanges would send), ``sent_bytes``, ``ratio``, per path
-    ``{"raw_bytes", "sent_bytes", "messages"}``, and ``cache_consistent`` (None unless checked).
-    Without a session nothing is counted: `NO_TRAFFIC`."""
+    ``{"raw_bytes", "sent_bytes", "messages"}``, ``cache_consistent`` and ``cache_mismatches`` (how
+    many mismatches the checks found; both None unless checked). Without a session nothing is
+    counted: `NO_TRAFFIC` (with ``--compression none`` the ranks install a counting-only session)."""
     if session is None:
         return {**NO_TRAFFIC, "paths": {}}
     lifecycle = session.lifecycle
@@ -30,13 +32,22 @@ def compression_traffic(session) -> dict:
                 total[k] += counts[k]
     raw = sum(p["raw_bytes"] for p in paths.values())
     sent = sum(p["sent_bytes"] for p in paths.values())
-    consistent = None
+    consistent = mismatches = None
     if lifecycle is not None and lifecycle.cache_consistent is not None:
-        consistent = lifecycle.cache_consistent
+        consistent, mismatches = lifecycle.cache_consistent, len(lifecycle.mismatches)
         if not consistent:
             print("residual caches diverged:\n" + "\n".join(lifecycle.mismatches[:20]), file=sys.stderr)
     return {"raw_bytes": raw, "sent_bytes": sent, "ratio": raw / sent if sent else 1.0, "paths": paths,
-            "cache_consistent": consistent}
+            "cache_consistent": consistent, "cache_mismatches": mismatches}
+
+
+def check_verdict(traffic: dict) -> str:
+    """The one line ``--compression-check`` prints on rank 0 after a request."""
+    if traffic.get("cache_consistent") is None:
+        return "cache check: not run (no compressed exchange was checked)"
+    if traffic["cache_consistent"]:
+        return "cache check: consistent (every receiver cache bitwise equal to its sender's)"
+    return f"cache check: DIVERGED ({traffic['cache_mismatches']} mismatches; details above on stderr)"
 
 
 def format_traffic(traffic: dict) -> str:

@@ -15,15 +15,20 @@ Compression: ``--compression NAME`` with ``--compression-warmup N``, ``--compres
 uncompressed exchanges would send), ``sent_bytes``, ``ratio``, ``paths: {path: {raw_bytes,
 sent_bytes, messages}}``, and ``cache_consistent`` (``--compression-check``: sender and receiver
 caches compared bitwise across ranks after every step and after the run; null when not checked).
-``--compression-stats`` prints the per-path table on rank 0. With ``--compression none`` nothing is
-counted (zeros, ratio 1.0).
+``--compression-stats`` prints the per-path table on rank 0, ``--compression-check`` one verdict
+line. With ``--compression none`` a session that codes nothing counts what the exchanges send
+(``patches.install(config, count=True)``): raw_bytes == sent_bytes, ratio 1.0.
+
+A built-in ``--model`` runs at its own size and step count unless the flags are given
+(`registry.NATIVE_SETTINGS`); ``stats.json``'s height and width are those of the image made.
+Without ``--verbose`` the libraries' log lines, warnings and loading bars are hidden.
 
 Many requests, one launch: ``--prompt_file FILE`` (one prompt or JSON object per line, see
 `compactfusion_xdit.rank.requests`) or repeated ``--prompt`` serve every request through the same
 ranks; each starts with empty caches, drops them when it ends, and is written as
 ``req<NNNN>_image_<i>.png`` (or ``req<NNNN>_latents.npy``) with one ``stats.json`` listing them.
-Rank 0 shows a progress bar over denoising steps and ends with one summary line (time, bytes
-saved, ratio). Wan2.1 T2V and HunyuanVideo folders load through xfuser's runner models
+Rank 0 shows a progress bar over denoising steps and ends with one summary line (time, the file
+written, bytes saved, ratio). Wan2.1 T2V and HunyuanVideo folders load through xfuser's runner models
 (`patches.runner_models`) and are written as ``video_<i>.mp4`` (PNG frames + ``.npy`` without PyAV).
 
 In-process use (tests): ``run_pipeline(args) -> RunResult`` with ``args`` from ``parse_args``;
@@ -69,8 +74,13 @@ class RunResult:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The rank's settings; a built-in model gets its own size and step count where the command
+    line gives none (`cli.flags.apply_native_settings`)."""
     cpu_gloo.make_xfuser_importable()
-    return cli_args.build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = cli_args.build_parser().parse_args(argv)
+    cli_args.apply_native_settings(args, argv)
+    return args
 
 
 def resolve_model_path(model: str) -> str:
@@ -130,7 +140,9 @@ class Loaded:
 def load_pipeline(args: argparse.Namespace) -> Loaded:
     """Install the patches, build xfuser's configs (initialises torch.distributed) and load the model."""
     config = checks.compression_config(args)
-    patches.install(config)
+    # `none` still counts what the exchanges send (a session that codes nothing); not under
+    # torch.compile, which should trace the stock exchange
+    patches.install(config, count=not getattr(args, "use_torch_compile", False))
     session = patches.session()
     if session is not None:  # an installation reused by a second run in this process counts afresh
         session.reset_stats()
@@ -138,6 +150,7 @@ def load_pipeline(args: argparse.Namespace) -> Loaded:
     import xfuser
     from xfuser.core.distributed import get_world_group
 
+    outputs.quiet_loading(getattr(args, "verbose", False))
     model_path = resolve_model_path(args.model)
     class_name = pipeline_class_name(model_path)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -218,10 +231,11 @@ def default_request(args: argparse.Namespace, input_config) -> request_list.Requ
                                 num_inference_steps=input_config.num_inference_steps, seed=input_config.seed)
 
 
-def serve(args: argparse.Namespace, requests: list | None = None) -> list[RunResult]:
+def serve(args: argparse.Namespace, requests: list | None = None, finish=None) -> list[RunResult]:
     """Load once, then run each request (default: the run's own settings) through the same ranks
     (`serving.serve_requests`: caches start empty and are dropped after each; traffic counted alone).
-    Each result's ``stats`` also records the rank's resident memory after its request."""
+    Each result's ``stats`` also records the rank's resident memory after its request.
+    `finish(results)`, if given, runs on every rank before the process groups are destroyed."""
     from xfuser.core.distributed import get_runtime_state, get_world_group
 
     loaded = load_pipeline(args)
@@ -236,6 +250,8 @@ def serve(args: argparse.Namespace, requests: list | None = None) -> list[RunRes
 
     served = serving.serve_requests(session, requests, run_one)
     results = [_request_result(loaded, args, world, s, session) for s in served]
+    if finish is not None:
+        finish(results)
     get_runtime_state().destroy_distributed_env()
     return results
 
@@ -244,12 +260,18 @@ def _request_result(loaded: Loaded, args, world, served: serving.Served, session
     from xfuser.core.distributed import get_runtime_state
 
     is_output_rank = world.rank == world.world_size - 1
-    if getattr(args, "compression_stats", False) and world.rank == 0:
-        print(rank_traffic.format_traffic(served.traffic))
+    if world.rank == 0:
+        if getattr(args, "compression_stats", False):
+            print(rank_traffic.format_traffic(served.traffic))
+        if loaded.config.check:
+            print(rank_traffic.check_verdict(served.traffic), flush=True)
     out, request = served.output, served.request
     output = None
     if is_output_rank and out is not None:
         output = out.frames if hasattr(out, "frames") else out.images
+    size = outputs.produced_size(output) or (request.height, request.width)
+    requested = {} if size == (request.height, request.width) else {"requested_height": request.height,
+                                                                    "requested_width": request.width}
     stats = {
         "world_size": world.world_size,
         "elapsed_s": served.elapsed_s,
@@ -257,8 +279,9 @@ def _request_result(loaded: Loaded, args, world, served: serving.Served, session
         "pipeline": loaded.class_name,
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "prompt": request.prompt,
-        "height": request.height,
-        "width": request.width,
+        "height": size[0],  # what the pipeline made (it rounds sizes down to what the model can draw)
+        "width": size[1],
+        **requested,
         "num_inference_steps": request.num_inference_steps,
         "seed": request.seed,
         "parallel": checks.parallel_settings(args),
@@ -293,16 +316,17 @@ def write_request_outputs(results: list[RunResult], output_dir: str, output_type
     return outputs.write_request_files(files, output_dir, name, fps=16)
 
 
-def request_summary(results: list[RunResult]) -> str:
-    """The closing line: time, bytes saved, ratio over every request of the launch."""
+def request_summary(results: list[RunResult], written: list[str] | None = None) -> str:
+    """The closing line: time, what was written, bytes saved, ratio over every request of the launch."""
     raw, sent = sum(r.stats["raw_bytes"] for r in results), sum(r.stats["sent_bytes"] for r in results)
     elapsed = sum(r.stats["elapsed_s"] for r in results)
-    return outputs.summary_line(elapsed, len(results), raw, sent, results[0].stats["compression"])
+    return outputs.summary_line(elapsed, len(results), raw, sent, results[0].stats["compression"], written)
 
 
 def main(argv: list[str] | None = None) -> int:
     orphans.exit_with_parent()  # this rank ends when torchrun (or the launcher) dies
     argv = list(sys.argv[1:] if argv is None else argv)
+    outputs.quiet_libraries(verbose="--verbose" in argv)  # before xfuser and diffusers are imported
     return serving.run_rank(lambda: _run(argv))
 
 
@@ -312,12 +336,15 @@ def _run(argv: list[str]) -> int:
         requests = request_list.listed_requests(argv, args.prompt_file)
     except request_list.RequestError as err:
         raise UsageError(str(err)) from None
-    results = serve(args, requests)
-    if results[0].is_output_rank:
-        for path in write_request_outputs(results, args.output_dir, args.output_type):
-            print(f"wrote {path}")
-    if results[0].rank == 0:
-        print(request_summary(results), flush=True)
+    def finish(results: list[RunResult]) -> None:
+        written = []
+        if results[0].is_output_rank:
+            written = write_request_outputs(results, args.output_dir, args.output_type)
+        written = outputs.from_output_rank(written)  # rank 0 names the files, after they exist
+        if results[0].rank == 0:
+            print(request_summary(results, written), flush=True)
+
+    serve(args, requests, finish)
     return 0
 
 
