@@ -1,5 +1,6 @@
 """The first minutes with the ``xfuser`` command: usage errors and ``--help`` answered before torch,
-diffusers or xfuser is imported (nothing built), and ``--dry-run``'s status for a missing model.
+diffusers or xfuser is imported (nothing built), ``--dry-run``'s status for a missing model, and a
+rank's usage error shown as its one line instead of torchrun's report.
 
 No wall-clock assertions: what makes these answers fast is that the heavy modules are never imported,
 and that is what the tests check (`sys.modules` after the command ran).
@@ -18,7 +19,9 @@ from compactfusion_xdit.models import registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = 120  # seconds: the bound for a subprocess that must not get far
+LAUNCH = 300  # seconds: two ranks importing xfuser on a busy machine
 HEAVY = ("torch", "diffusers", "transformers", "xfuser")
+LAUNCHER = [sys.executable, "-m", "compactfusion_xdit.cli.launcher"]  # this checkout's, not a console script's
 
 #: Runs the launcher in-process, then prints which heavy modules it imported (last stdout line).
 PROBE = ("import sys; from compactfusion_xdit.cli import launcher; rc = launcher.main(sys.argv[1:]); "
@@ -139,3 +142,100 @@ def test_a_dry_run_of_a_built_in_is_status_0_without_building_it(empty_cache):
 def test_a_refused_dry_run_is_still_status_2(empty_cache, tmp_path):
     code, out, err = probe(["--model", str(tmp_path / "nope"), "--ulysses_degree", "0", "--dry-run"], empty_cache)
     assert code == 2 and out == [] and err.splitlines() == ["xfuser: error: --ulysses_degree 0 must be at least 1"]
+
+
+# --------------------------------------------------------------------------------------------
+# A failure inside the ranks: their one-line errors, not torchrun's report
+# --------------------------------------------------------------------------------------------
+
+RANK_SCRIPT = """\
+import os, signal, sys, time
+rank = os.environ["RANK"]
+mode = sys.argv[1]
+os.write(1, f"rank {rank} says hello\\n".encode())  # one write each: the ranks share the pipes
+os.write(2, b"\\rstep 1/2")
+if mode == "usage":  # both ranks refuse the same setting, once both run
+    here = os.path.dirname(os.path.abspath(__file__))
+    open(os.path.join(here, "started" + rank), "w").close()
+    while not all(os.path.exists(os.path.join(here, "started" + r)) for r in "01"):
+        time.sleep(0.01)
+    os.write(2, b"error: --frobnicate 3 is not allowed; use 2\\n")
+    sys.exit(2)
+if mode == "killed" and rank == "1":
+    os.kill(os.getpid(), signal.SIGKILL)
+if mode == "ok":
+    os.write(2, b"\\rstep 2/2\\n")
+    sys.exit(0)
+time.sleep(600)
+"""
+
+
+def run_fake_ranks(tmp_path, mode: str, **extra_env: str) -> subprocess.CompletedProcess:
+    """`run_to_completion` on real torchrun with two light ranks (no torch in them)."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    code = ("import sys; from compactfusion_xdit.cli import plan, ports, torchrun; "
+            "launch = plan.LaunchPlan(2, 2, 1, 0, '127.0.0.1', ports.free_port()); "
+            "sys.exit(torchrun.run_to_completion(torchrun.torchrun_command(launch, sys.argv[2:], "
+            "target=(sys.argv[1],)), torchrun.launch_env(False)))")
+    return subprocess.run([sys.executable, "-c", code, str(script), mode], cwd=REPO, env=env(**extra_env),
+                          capture_output=True, text=True, timeout=QUICK)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.replace("\r", "\n").splitlines() if "error" in line.lower()]
+
+
+def test_ranks_usage_errors_are_one_line_each_distinct_and_status_2(tmp_path):
+    proc = run_fake_ranks(tmp_path, "usage")
+    assert proc.returncode == 2, proc.stderr
+    assert error_lines(proc.stderr) == ["xfuser: error: --frobnicate 3 is not allowed; use 2"], proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert "step 1/2" in proc.stderr  # the ranks' own stderr still reaches the user
+    assert sorted(proc.stdout.splitlines()) == ["rank 0 says hello", "rank 1 says hello"]  # stdout untouched
+
+
+def test_a_rank_that_dies_silently_is_named_in_one_line(tmp_path):
+    proc = run_fake_ranks(tmp_path, "killed")
+    assert proc.returncode not in (0, 2), proc.stderr
+    assert error_lines(proc.stderr) == ["xfuser: error: rank 1 was killed by SIGKILL without an error message; "
+                                        "set CFX_DEBUG=1 for torchrun's report"], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_successful_launch_passes_the_ranks_output_through(tmp_path):
+    proc = run_fake_ranks(tmp_path, "ok")
+    assert proc.returncode == 0, proc.stderr
+    assert "step 2/2" in proc.stderr and "error" not in proc.stderr.lower()
+
+
+def test_cfx_debug_shows_torchruns_report(tmp_path):
+    proc = run_fake_ranks(tmp_path, "usage", CFX_DEBUG="1")
+    assert proc.returncode != 0 and "ChildFailedError" in proc.stderr
+
+
+def test_the_error_filter_keeps_output_and_drops_repeats():
+    lines = torchrun._ErrorLines("xfuser")
+    assert lines.filter(b"loading 50%") == b"loading 50%"
+    assert lines.filter(b"error: bad") == b"xfuser: error: bad"
+    assert lines.filter(b"error: bad") is None
+    assert lines.filter(b"cfx-xdit: error: bad") == b"cfx-xdit: error: bad"
+    assert lines.filter(b"error (rank 1): RuntimeError: x") == b"xfuser: error (rank 1): RuntimeError: x"
+    assert lines.filter(b"RuntimeError: not a rank's error line") == b"RuntimeError: not a rank's error line"
+    # another rank's progress bar left a partial line in the pipe: the error line still stands alone
+    assert torchrun._split_error(b"\rstep 1/2\rstep 1/2error: bad") == (b"\rstep 1/2\rstep 1/2", b"error: bad")
+    assert torchrun._split_error(b"\r 50%xfuser: error: bad") == (b"\r 50%", b"xfuser: error: bad")
+    assert torchrun._split_error(b"log line: error: x") == (b"", b"log line: error: x")
+
+
+def test_a_usage_error_only_a_rank_can_see_reaches_the_user_as_one_line(empty_cache, tmp_path):
+    """End to end with the real worker: ``CFX_COMM_TIMEOUT_S`` is read by the ranks only."""
+    proc = subprocess.run([*LAUNCHER, "--model", "tiny-flux", "--ulysses_degree", "2", "--height", "32", "--width", "32",
+                           "--num_inference_steps", "1", "--max_sequence_length", "16", "--prompt", "a cat",
+                           "--output_dir", str(tmp_path / "out")], cwd=REPO,
+                          env=env(CFX_CACHE=empty_cache, CFX_COMM_TIMEOUT_S="soon"), capture_output=True, text=True,
+                          timeout=LAUNCH)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("xfuser: error")]
+    assert errors == ["xfuser: error: CFX_COMM_TIMEOUT_S='soon' must be a number of seconds > 0 (default 600)"], proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr

@@ -13,7 +13,9 @@ torch, diffusers or xfuser is imported and before a built-in model is built (its
 head count come from `compactfusion_xdit.models.registry.BUILTIN_CONFIGS`); ``--help`` prints xfuser's
 flags from the snapshot (`compactfusion_xdit.cli.flag_table`) without importing xfuser either. Without
 CUDA the ranks use gloo with one thread each (unless ``OMP_NUM_THREADS`` is set) and a free port.
-The exit status is torchrun's: non-zero when any rank fails.
+The exit status is torchrun's: non-zero when any rank fails, 2 when the first rank to fail refused
+its settings (a usage error); a failure shows the ranks' one-line errors, not torchrun's report
+(`compactfusion_xdit.cli.torchrun`; ``CFX_DEBUG=1`` shows it).
 
 ``--config FILE.yaml`` reads the settings from a file (`compactfusion_xdit.cli.yaml_config`; flags on the
 command line override it) and ``--dry-run`` runs the checks and prints the plan without launching
