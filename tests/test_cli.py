@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -26,14 +27,26 @@ def cache(tmp_path_factory) -> str:
     return path
 
 
-def xfuser_command() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def xfuser_command() -> tuple[str, ...]:
+    """The ``xfuser`` console script when it runs this checkout's package, else the module form
+    (an editable install of another checkout, or no install)."""
+    module = (sys.executable, "-m", "compactfusion_xdit.cli.launcher")
     script = shutil.which("xfuser")
-    return [script] if script else [sys.executable, "-m", "compactfusion_xdit.cli.launcher"]
+    if not script:
+        return module
+    with open(script, "rb") as f:
+        shebang = f.readline()
+    interpreter = shebang[2:].decode(errors="replace").strip() if shebang.startswith(b"#!") else sys.executable
+    probe = subprocess.run([interpreter, "-c", "import compactfusion_xdit; print(compactfusion_xdit.__file__)"],
+                           cwd=os.path.dirname(script), capture_output=True, text=True, timeout=QUICK)
+    ours = os.path.join(REPO, "compactfusion_xdit", "__init__.py")
+    return (script,) if probe.returncode == 0 and os.path.samefile(probe.stdout.strip(), ours) else module
 
 
 def run_xfuser(argv: list[str], cache: str, timeout: float = QUICK) -> subprocess.CompletedProcess:
     env = {**os.environ, "CFX_CACHE": cache, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(xfuser_command() + argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*xfuser_command(), *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def launcher_error(argv: list[str], cache: str) -> str:
@@ -217,3 +230,6 @@ def test_one_failing_rank_stops_the_launch_with_a_non_zero_status(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(script)], cwd=REPO, capture_output=True, text=True,
                           timeout=QUICK)
     assert proc.returncode != 0
+    # the failed rank said nothing: one line names it, instead of torchrun's traceback and report
+    assert "xfuser: error: rank 1 exited with status 3 without an error message" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

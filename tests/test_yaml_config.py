@@ -6,7 +6,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -88,16 +87,20 @@ def test_every_flag_of_the_command_is_a_key_of_exactly_one_section():
 def test_every_shipped_config_passes_a_dry_run(path, env_cache, capsys):
     import yaml
 
-    assert launcher.main(["--config", path, "--dry-run"]) == 0
-    out = capsys.readouterr().out
+    from compactfusion_xdit.cli import dry_run
+
     data = yaml.safe_load(open(path))
-    assert out.startswith("xfuser: dry run, nothing launched")
-    assert f"  ranks        {data['parallel']['world_size']} (" in out
     model = data["model"]
+    status = launcher.main(["--config", path, "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.startswith("xfuser: dry run, nothing launched")  # the whole plan, whatever the status
+    assert f"  ranks        {data['parallel']['world_size']} (" in out
+    assert "  command      " in out
     if model in tiny.BUILTIN_MODELS:
-        assert "warning" not in out
-    else:  # placeholder path: a warning in the dry run only
-        assert f"warning: --model {model!r} is neither a built-in model" in out
+        assert status == 0 and "warning" not in out
+    else:  # placeholder path: the plan, a warning line last, and the dry run's own non-zero status
+        assert status == dry_run.MODEL_MISSING == 3
+        assert out.rstrip().splitlines()[-1].startswith(f"warning: --model {model!r} is neither a built-in model")
     if data["parallel"].get("ulysses_degree", 1) > 1:
         assert "  ulysses      [0," in out
 
@@ -340,8 +343,7 @@ def test_every_message_uses_the_scheduled_codec_and_its_exact_bytes(exchanges):
 
 
 def xfuser_command() -> list[str]:
-    script = shutil.which("xfuser")
-    return [script] if script else [sys.executable, "-m", "compactfusion_xdit.cli.launcher"]
+    return [sys.executable, "-m", "compactfusion_xdit.cli.launcher"]  # this checkout's launcher, installed or not
 
 
 def test_the_cpu_demo_config_runs_end_to_end_with_a_schedule(cache, tmp_path):

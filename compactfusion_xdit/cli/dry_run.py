@@ -4,8 +4,10 @@
 
 Runs every check of a real launch (flags, compression, degrees against the rank count, the ranks'
 usage checks of `cli.checks`) and prints the world size, xfuser's process groups, the input, the compression
-settings and the torchrun command. A model folder that does not exist is a warning here (configs
-ship with placeholder paths), not an error.
+settings and the torchrun command. A model folder that does not exist does not stop the dry run
+(configs ship with placeholder paths): the plan is printed with a warning line, and the exit status is
+`MODEL_MISSING` (3) instead of 0, so a script can tell "ready to launch" from "set the model first".
+Refused settings are one ``xfuser: error:`` line and status 2, as in a launch.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import shlex
 
 from compactfusion_xdit.cli import flags as cli_args
 from compactfusion_xdit.cli import flag_table, plan, torchrun
+from compactfusion_xdit.models import registry
 
 DRY_RUN_FLAGS = ("--dry-run", "--dry_run")
+#: The dry run's exit status when every check passed but ``--model`` names no existing folder.
+MODEL_MISSING = 3
 
 
 def split(argv: list[str]) -> tuple[list[str], bool]:
@@ -71,20 +76,34 @@ def _compression(ns: argparse.Namespace) -> list[str]:
     return lines
 
 
+def run(argv: list[str]) -> int:
+    """Print the plan of a launch with these flags; return the dry run's exit status: 0, or
+    `MODEL_MISSING` when the model folder does not exist (UsageError for refused settings)."""
+    text, model_missing = _plan(argv)
+    print(text)
+    return MODEL_MISSING if model_missing else 0
+
+
 def report(argv: list[str]) -> str:
     """The plan of a launch with these flags (UsageError for settings a launch would refuse)."""
-    warnings = []
+    return _plan(argv)[0]
+
+
+def _plan(argv: list[str]) -> tuple[str, bool]:
+    full = settings(argv)  # a mistyped flag first
     ns = plan.preparse(argv)
-    check_model = True
-    try:
-        model = plan.model_path(ns.model)
-    except plan.UsageError as err:
-        if ns.model is None:
-            raise
-        check_model, model = False, ns.model
-        warnings.append(f"warning: {err} (a real launch stops here; edit model: / --model)")
-    full = settings(argv)
-    launch = plan.plan_launch(ns, check_model=check_model, settings=full)
+    missing = None
+    if ns.model is not None and ns.model not in registry.BUILTIN_MODELS:
+        try:
+            registry.resolve(ns.model)  # a local folder: checked, nothing built
+        except registry.ModelError as err:
+            missing = str(err)
+    launch = plan.plan_launch(ns, check_model=missing is None, settings=full)
+    if missing is not None:
+        model = f"{ns.model} (not found)"
+    else:  # the checks above passed, so this is cheap and cannot fail
+        class_name = plan.model_config(ns.model)[0]
+        model = f"{ns.model} (built-in, {class_name})" if ns.model in registry.BUILTIN_MODELS else f"{ns.model} ({class_name})"
     prompt = full.prompt if isinstance(full.prompt, str) else " ".join(full.prompt)
     lines = [
         "xfuser: dry run, nothing launched",
@@ -97,6 +116,8 @@ def report(argv: list[str]) -> str:
         *_compression(ns),
         f"  output       {full.output_dir} ({full.output_type}), dtype {full.dtype or 'default'}",
         "  command      " + shlex.join(torchrun.torchrun_command(launch, argv)),
-        *warnings,
     ]
-    return "\n".join(lines)
+    if missing is not None:
+        lines.append(f"warning: {missing} (a real launch stops here; edit model: / --model; "
+                     f"dry run exit status {MODEL_MISSING})")
+    return "\n".join(lines), missing is not None

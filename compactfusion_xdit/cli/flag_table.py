@@ -38,6 +38,9 @@ def _describe(action: argparse.Action, title: str) -> dict:
         "nargs": action.nargs,
         "choices": list(action.choices) if action.choices is not None else None,
         "default": action.default,
+        "required": action.required,
+        "help": action.help,
+        "metavar": action.metavar,
     }
 
 
@@ -51,7 +54,8 @@ def live_xfuser_flags() -> list[dict]:
 
     parser = FlexibleArgumentParser(add_help=False)
     xFuserArgs.add_cli_args(parser)
-    return [_describe(action, group.title) for group in parser._action_groups for action in group._group_actions]
+    titles = {id(action): group.title for group in parser._action_groups for action in group._group_actions}
+    return [_describe(action, titles[id(action)]) for action in parser._actions]  # the order of ``--help``'s usage line
 
 
 class _RaisingParser(argparse.ArgumentParser):
@@ -59,22 +63,33 @@ class _RaisingParser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
-def fast_parser() -> argparse.ArgumentParser:
-    """The ``xfuser`` flags (xfuser's from the snapshot, ours live) in their argument groups.
-    Its ``error`` raises ValueError instead of exiting."""
+#: The ``xfuser --help`` description (`compactfusion_xdit.cli.flags.build_parser` has the same text).
+DESCRIPTION = ("xDiT (xfuser 0.7.0) parallel diffusion inference with compressed communication. "
+               "Launches one rank per device (torchrun); --model takes a built-in (tiny-flux, tiny-pixart, "
+               "tiny-sd3, digits-flux) or a local diffusers folder.")
+
+
+def fast_parser(for_help: bool = False) -> argparse.ArgumentParser:
+    """The ``xfuser`` flags (xfuser's from the snapshot, ours live) in their argument groups, with
+    xfuser's help texts. Its ``error`` raises ValueError instead of exiting. `for_help`: with
+    ``-h/--help`` and the description, for ``xfuser --help`` (the same text as `flags.build_parser`'s)."""
     from compactfusion_xdit.cli.xfuser_flags import XFUSER_FLAGS
 
-    parser = _RaisingParser(prog="xfuser", add_help=False, allow_abbrev=False)
+    parser = _RaisingParser(prog="xfuser", add_help=for_help, allow_abbrev=False,
+                            description=DESCRIPTION if for_help else None)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag in XFUSER_FLAGS:
         title = flag["group"]
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
-        kwargs = {"dest": flag["dest"], "default": flag["default"]}
+        kwargs = {"dest": flag["dest"], "default": flag["default"], "help": flag["help"]}
         if flag["kind"] == "switch":
             kwargs["action"] = "store_true"
         else:
-            kwargs.update(type=_TYPES[flag["type"]], nargs=flag["nargs"], choices=flag["choices"])
+            kwargs.update(type=_TYPES[flag["type"]], nargs=flag["nargs"], choices=flag["choices"],
+                          metavar=flag["metavar"])
+        if for_help and flag["required"]:  # only in the usage text: a missing --model gets the launcher's own message
+            kwargs["required"] = True
         groups[title].add_argument(*flag["options"], **kwargs)
     cli_args.add_own_args(parser)
     return parser

@@ -127,7 +127,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                        help="settings from a YAML file (configs/, docs/yaml_configs.md); flags on the command line "
                        "override the file")
     group.add_argument(*_both_spellings("--dry-run"), dest="dry_run", action="store_true",
-                       help="check the settings, print the launch plan and exit without starting any rank")
+                       help="check the settings, print the launch plan and exit without starting any rank: status 0, "
+                       "2 for refused settings, 3 when the model folder does not exist (the plan is still printed)")
 
 
 def add_own_args(parser: argparse.ArgumentParser) -> None:

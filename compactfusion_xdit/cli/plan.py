@@ -98,10 +98,22 @@ def model_path(model: str | None) -> str:
         raise UsageError(str(err)) from None
 
 
+def model_config(model: str | None) -> tuple[str, dict]:
+    """`model`'s pipeline class and backbone config, read without building a built-in or importing
+    torch (`registry.model_config`); UsageError if no rank could load it."""
+    try:
+        return registry.model_config(model)
+    except registry.ModelError as err:
+        raise UsageError(str(err)) from None
+
+
 def plan_launch(ns: argparse.Namespace, check_model: bool = True,
                 settings: argparse.Namespace | None = None) -> LaunchPlan:
     """Check the launcher-visible settings; return the placement. Raises UsageError.
-    ``check_model=False`` skips the model folder (and its head count): the dry run of a config
+
+    Cheap: no torch or xfuser import, and a built-in model is not built (its class and head count
+    come from `registry.BUILTIN_CONFIGS`); the launcher builds it (`model_path`) once the launch is
+    valid. ``check_model=False`` skips the model (its class and head count): the dry run of a config
     whose model path is a placeholder. `settings` (every flag, parsed as the ranks will) adds the
     ranks' own usage checks (`checks.check_settings`), so they fail here, before torchrun starts."""
     checks.compression_config(ns)
@@ -125,17 +137,14 @@ def plan_launch(ns: argparse.Namespace, check_model: bool = True,
             raise UsageError(f"the parallel degrees multiply to {world} ({describe_degrees(ns)}) but "
                               f"--nproc_per_node {nproc} x --nnodes {ns.nnodes} gives {nproc * ns.nnodes} ranks; "
                               f"drop --nproc_per_node or change the degrees so they multiply to {nproc * ns.nnodes}")
-    path = model_path(ns.model) if check_model else None
-    heads = registry.backbone_config(path).get("num_attention_heads") if path else None
+    class_name, backbone = model_config(ns.model) if check_model else (None, {})
+    heads = backbone.get("num_attention_heads")
     if heads is not None and heads % ns.ulysses_degree:
         raise UsageError(f"the model has {heads} attention heads, not divisible by --ulysses_degree "
                           f"{ns.ulysses_degree}; use a Ulysses degree that divides {heads} (move the rest to --ring_degree)")
     if settings is not None:
-        try:
-            class_name = registry.pipeline_class_name(path) if path else None
-        except registry.ModelError as err:
-            raise UsageError(str(err)) from None
-        checks.check_settings(settings, path, class_name, world)
+        # no model path: the head count was checked above from the cheap config
+        checks.check_settings(settings, None, class_name, world)
     if ns.nnodes > 1 and ns.master_addr is None:
         raise UsageError(f"--nnodes {ns.nnodes} needs --master_addr (the address of node 0, the same on every node)")
     try:

@@ -112,3 +112,28 @@ def backbone_config(path: str) -> dict:
         return {}
     with open(config) as f:
         return json.load(f)
+
+
+#: What the launchers' checks read of each built-in, known without building it (no torch import):
+#: its pipeline class and its backbone's ``transformer/config.json`` entries that the checks use.
+#: tests/test_fast_launcher.py compares this table with the built models.
+BUILTIN_CONFIGS: dict[str, tuple[str, dict]] = {
+    "tiny-flux": ("FluxPipeline", {"num_attention_heads": 4}),
+    "tiny-pixart": ("PixArtAlphaPipeline", {"num_attention_heads": 4}),
+    "tiny-sd3": ("StableDiffusion3Pipeline", {"num_attention_heads": 4}),
+    "digits-flux": ("FluxPipeline", {"num_attention_heads": 4}),
+    "tiny-pixart-sigma": ("PixArtSigmaPipeline", {"num_attention_heads": 4}),
+    "tiny-wan": ("WanPipeline", {"num_attention_heads": 4}),
+    "tiny-hunyuan-video": ("HunyuanVideoPipeline", {"num_attention_heads": 4}),
+}
+
+
+def model_config(model: str | None) -> tuple[str, dict]:
+    """The pipeline class and backbone config of `model` without building a built-in: the table
+    above for a built-in, the folder's JSON files for a local folder. ModelError as `resolve` and
+    `pipeline_class_name` raise it. Cheap: the launchers' usage checks read this before any build."""
+    if model in BUILTIN_CONFIGS:
+        class_name, config = BUILTIN_CONFIGS[model]
+        return class_name, dict(config)
+    path = resolve(model)  # a local folder (checked, nothing built); a built-in missing from the table is built
+    return pipeline_class_name(path), backbone_config(path)
