@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from compactfusion_xdit.cli import launcher, plan, torchrun
+from compactfusion_xdit.cli import plan, torchrun
 from compactfusion_xdit.models import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -325,7 +325,7 @@ def test_launcher_refuses_compositions_it_cannot_run(flags, message):
 
 
 def test_patch_degree_multiplies_the_world_size():
-    from compactfusion_xdit.cli import launcher, plan
+    from compactfusion_xdit.cli import plan
 
     ns = plan.preparse(["--model", "tiny-sd3", "--patch_parallel_degree", "2", "--use_cfg_parallel"])
     assert plan.world_size(ns) == 4
