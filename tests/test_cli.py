@@ -2,46 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from compactfusion_xdit.cli import plan, torchrun
-from compactfusion_xdit.models import tiny
+from compactfusion_xdit.testing.targets import xfuser_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = 120  # seconds: the subprocess bound for checks that must not reach xfuser or torchrun
 LAUNCH = 300  # seconds: one two-rank run including each rank's xfuser import
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    """A private model cache with tiny-flux materialised (the launcher reads its head count)."""
-    path = str(tmp_path_factory.mktemp("cfx-cache"))
-    tiny.materialize("tiny-flux", cache_dir=path)
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def xfuser_command() -> tuple[str, ...]:
-    """The ``xfuser`` console script when it runs this checkout's package, else the module form
-    (an editable install of another checkout, or no install)."""
-    module = (sys.executable, "-m", "compactfusion_xdit.cli.launcher")
-    script = shutil.which("xfuser")
-    if not script:
-        return module
-    with open(script, "rb") as f:
-        shebang = f.readline()
-    interpreter = shebang[2:].decode(errors="replace").strip() if shebang.startswith(b"#!") else sys.executable
-    probe = subprocess.run([interpreter, "-c", "import compactfusion_xdit; print(compactfusion_xdit.__file__)"],
-                           cwd=os.path.dirname(script), capture_output=True, text=True, timeout=QUICK)
-    ours = os.path.join(REPO, "compactfusion_xdit", "__init__.py")
-    return (script,) if probe.returncode == 0 and os.path.samefile(probe.stdout.strip(), ours) else module
 
 
 def run_xfuser(argv: list[str], cache: str, timeout: float = QUICK) -> subprocess.CompletedProcess:
@@ -68,8 +41,8 @@ def launcher_error(argv: list[str], cache: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def test_a_mistyped_flag_is_refused_with_the_closest_flag(cache):
-    line = launcher_error(["--model", "tiny-flux", "--ulysses_degree", "2", "--compresion", "residual-int4"], cache)
+def test_a_mistyped_flag_is_refused_with_the_closest_flag(model_cache):
+    line = launcher_error(["--model", "tiny-flux", "--ulysses_degree", "2", "--compresion", "residual-int4"], model_cache)
     assert line == "xfuser: error: unrecognized flag --compresion; did you mean --compression?"
 
 
@@ -79,12 +52,12 @@ def test_a_mistyped_flag_is_refused_with_the_closest_flag(cache):
     (["--pipefusion_parallel_degree", "2", "--num_pipeline_patch", "1"],
      "--num_pipeline_patch 1 is smaller than --pipefusion_parallel_degree 2; use at least one patch per stage"),
 ])
-def test_the_ranks_usage_errors_are_caught_before_torchrun(cache, flags, message):
-    line = launcher_error(["--model", "tiny-flux", *flags], cache)
+def test_the_ranks_usage_errors_are_caught_before_torchrun(model_cache, flags, message):
+    line = launcher_error(["--model", "tiny-flux", *flags], model_cache)
     assert line == f"xfuser: error: {message}"
 
 
-def test_pipefusion_without_a_patch_count_takes_one_patch_per_stage_as_xdit_does(cache):
+def test_pipefusion_without_a_patch_count_takes_one_patch_per_stage_as_xdit_does(model_cache):
     ns = plan.preparse(["--model", "tiny-flux", "--pipefusion_parallel_degree", "2"])
     from compactfusion_xdit.cli import checks, dry_run
 
@@ -93,52 +66,52 @@ def test_pipefusion_without_a_patch_count_takes_one_patch_per_stage_as_xdit_does
     assert plan.plan_launch(ns, settings=full).world_size == 2
 
 
-def test_version_answers_without_xfuser(cache):
-    proc = run_xfuser(["--version"], cache)
+def test_version_answers_without_xfuser(model_cache):
+    proc = run_xfuser(["--version"], model_cache)
     assert proc.returncode == 0 and proc.stdout.startswith("xfuser (compactfusion-xdit 0.1.0) on xfuser 0.7.0")
 
 
-def test_unknown_model_names_the_builtins(cache):
-    line = launcher_error(["--model", "no/such-model", "--ulysses_degree", "2"], cache)
+def test_unknown_model_names_the_builtins(model_cache):
+    line = launcher_error(["--model", "no/such-model", "--ulysses_degree", "2"], model_cache)
     from compactfusion_xdit.models import tiny
 
     assert "'no/such-model' is neither a built-in model (" in line
     assert all(name in line for name in ("tiny-flux", "tiny-pixart", "tiny-sd3", *tiny.BUILTIN_MODELS))
 
 
-def test_folder_without_model_index_is_refused(cache, tmp_path):
-    line = launcher_error(["--model", str(tmp_path)], cache)
+def test_folder_without_model_index_is_refused(model_cache, tmp_path):
+    line = launcher_error(["--model", str(tmp_path)], model_cache)
     assert "has no model_index.json" in line
 
 
-def test_degrees_that_do_not_match_the_rank_count(cache):
+def test_degrees_that_do_not_match_the_rank_count(model_cache):
     line = launcher_error(["--model", "tiny-flux", "--ulysses_degree", "2", "--ring-degree", "2",
-                           "--nproc_per_node", "2"], cache)
+                           "--nproc_per_node", "2"], model_cache)
     assert "multiply to 4" in line and "gives 2 ranks" in line
 
 
-def test_zero_degree_is_refused(cache):
-    assert "--ring_degree 0 must be at least 1" in launcher_error(["--model", "tiny-flux", "--ring_degree", "0"], cache)
+def test_zero_degree_is_refused(model_cache):
+    assert "--ring_degree 0 must be at least 1" in launcher_error(["--model", "tiny-flux", "--ring_degree", "0"], model_cache)
 
 
-def test_heads_not_divisible_by_ulysses_degree(cache):
-    line = launcher_error(["--model", "tiny-flux", "--ulysses_degree", "3"], cache)
+def test_heads_not_divisible_by_ulysses_degree(model_cache):
+    line = launcher_error(["--model", "tiny-flux", "--ulysses_degree", "3"], model_cache)
     assert "4 attention heads, not divisible by --ulysses_degree 3" in line
 
 
-def test_fp8_comms_with_compression_is_refused(cache):
+def test_fp8_comms_with_compression_is_refused(model_cache):
     line = launcher_error(["--model", "tiny-flux", "--ulysses_degree", "2", "--use_fp8_comms",
-                           "--compression", "residual-int4"], cache)
+                           "--compression", "residual-int4"], model_cache)
     assert "--use_fp8_comms and --compression residual-int4" in line
 
 
-def test_unknown_codec_lists_the_valid_names(cache):
-    line = launcher_error(["--model", "tiny-flux", "--compression", "residual-int3"], cache)
+def test_unknown_codec_lists_the_valid_names(model_cache):
+    line = launcher_error(["--model", "tiny-flux", "--compression", "residual-int3"], model_cache)
     assert "argument --compression: unknown compression 'residual-int3'" in line and "residual-int4" in line
 
 
-def test_no_ef_with_plain_compression_is_refused(cache):
-    line = launcher_error(["--model", "tiny-flux", "--compression", "int4", "--compression-no-ef"], cache)
+def test_no_ef_with_plain_compression_is_refused(model_cache):
+    line = launcher_error(["--model", "tiny-flux", "--compression", "int4", "--compression-no-ef"], model_cache)
     assert "--compression-no-ef only applies to residual compression" in line
 
 
@@ -162,8 +135,8 @@ def test_our_flags_take_dashes_or_underscores():
     assert (config.name, config.warmup, config.paths, config.check) == ("residual-int4-noef", 3, ("ulysses", "ring"), True)
 
 
-def test_multi_node_placement_goes_to_torchrun(cache, monkeypatch):
-    monkeypatch.setenv("CFX_CACHE", cache)
+def test_multi_node_placement_goes_to_torchrun(model_cache, monkeypatch):
+    monkeypatch.setenv("CFX_CACHE", model_cache)
     ns = plan.preparse(["--model", "tiny-flux", "--ulysses_degree", "4", "--nnodes", "2", "--node_rank", "1",
                        "--master_addr", "10.0.0.1"])
     launch = plan.plan_launch(ns)
@@ -192,8 +165,8 @@ def test_cpu_ranks_get_one_thread_unless_the_user_chose(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-def test_help_lists_xfusers_flags_and_ours(cache):
-    proc = run_xfuser(["--help"], cache)
+def test_help_lists_xfusers_flags_and_ours(model_cache):
+    proc = run_xfuser(["--help"], model_cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for flag in ("--ulysses_degree", "--ring_degree", "--pipefusion_parallel_degree", "--use_cfg_parallel", "--model",
                  "--compression", "--compression-warmup", "--compression-paths", "--compression-no-ef",
@@ -202,13 +175,13 @@ def test_help_lists_xfusers_flags_and_ours(cache):
         assert flag in proc.stdout, flag
 
 
-def test_two_rank_ulysses_run_writes_the_image_and_stats(cache, tmp_path):
+def test_two_rank_ulysses_run_writes_the_image_and_stats(model_cache, tmp_path):
     from PIL import Image
 
     out = tmp_path / "out"
     proc = run_xfuser(["--model", "tiny-flux", "--ulysses_degree", "2", "--height", "64", "--width", "64",
                        "--num_inference_steps", "2", "--max_sequence_length", "16", "--prompt", "a cat",
-                       "--compression-warmup", "2", "--output-dir", str(out)], cache, timeout=LAUNCH)
+                       "--compression-warmup", "2", "--output-dir", str(out)], model_cache, timeout=LAUNCH)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with Image.open(out / "image_0.png") as image:
         assert image.size == (64, 64)

@@ -20,6 +20,8 @@ import torch
 from compactfusion_xdit.testing import rank_env, run_ranks
 
 HERE = os.path.abspath(__file__)
+WORKER_LATENTS = "compactfusion_xdit.testing.targets:worker_latents"
+WORKER_LATENTS_IN_TURN = "compactfusion_xdit.testing.targets:worker_latents_in_turn"
 REPO = os.path.dirname(os.path.dirname(HERE))
 STEPS = 3
 EXACT = 1e-4  # fp32: measured 4.8e-7 (tiny-flux, |latents| <= 4.2) for every exact Flux layout
@@ -59,13 +61,6 @@ def pixart():
 # --------------------------------------------------------------------------------------------
 
 
-def worker_latents(rank: int, world_size: int, argv: list[str]):
-    """Rank target: one worker run in this process; the output rank returns its latents."""
-    from compactfusion_xdit.rank import worker
-
-    result = worker.run_pipeline(worker.parse_args(argv))
-    return result.output.float() if result.is_output_rank else None
-
 
 def base_argv(model: str) -> list[str]:
     argv = ["--model", model, "--height", "64", "--width", "64", "--num_inference_steps", str(STEPS),
@@ -75,23 +70,18 @@ def base_argv(model: str) -> list[str]:
 
 
 def latents(model: str, world_size: int, flags: list[str] = ()) -> torch.Tensor:
-    out = run_ranks(f"{HERE}:worker_latents", world_size, {"argv": base_argv(model) + list(flags)},
+    out = run_ranks(WORKER_LATENTS, world_size, {"argv": base_argv(model) + list(flags)},
                     timeout=TIMEOUT, init_process_group=False)
     assert all(o is None for o in out[:-1])
     return out[-1]
 
-
-def worker_latents_in_turn(rank: int, world_size: int, argvs: list[list[str]]):
-    """Rank target for one process: several worker runs one after the other (cheaper than a
-    process each: the xfuser import dominates)."""
-    return [worker_latents(rank, world_size, argv) for argv in argvs]
 
 
 @pytest.fixture(scope="module")
 def single(flux, sd3, pixart) -> dict[str, torch.Tensor]:
     """One-process latents of every model, computed in one process."""
     models = {"flux": flux, "sd3": sd3, "pixart": pixart}
-    (outs,) = run_ranks(f"{HERE}:worker_latents_in_turn", 1, {"argvs": [base_argv(m) for m in models.values()]},
+    (outs,) = run_ranks(WORKER_LATENTS_IN_TURN, 1, {"argvs": [base_argv(m) for m in models.values()]},
                         timeout=TIMEOUT, init_process_group=False)
     return dict(zip(models, outs))
 

@@ -23,8 +23,10 @@ import torch
 
 from compactfusion_xdit.benchmarks.metrics import range_psnr as psnr
 from compactfusion_xdit.testing import run_ranks
+from compactfusion_xdit.testing.targets import xfuser_command
 
 HERE = os.path.abspath(__file__)
+WORKER_LATENTS = "compactfusion_xdit.testing.targets:worker_latents"
 REPO = os.path.dirname(os.path.dirname(HERE))
 STEPS = 4
 EXACT = 1e-4  # fp32; measured 0.0 (bitwise) on all three tiny models, sync and displaced with full warm-up
@@ -236,12 +238,6 @@ def test_compressed_displaced_stays_within_a_psnr_margin_of_its_uncompressed_twi
 # --------------------------------------------------------------------------------------------
 
 
-def worker_latents(rank: int, world_size: int, argv: list[str]):
-    from compactfusion_xdit.rank import worker
-
-    result = worker.run_pipeline(worker.parse_args(argv))
-    return result.output.float() if result.is_output_rank else None
-
 
 def worker_argv(model: str, *flags: str) -> list[str]:
     argv = ["--model", model, "--height", "64", "--width", "64", "--num_inference_steps", str(STEPS),
@@ -253,17 +249,13 @@ def worker_argv(model: str, *flags: str) -> list[str]:
 def test_patch_times_cfg_parallel_equals_single_process_through_xfuser():
     # SD3 on 4 ranks: xfuser's CFG parallel wraps the backbone (xfuser's processors and USP), each
     # CFG branch is split over 2 patch ranks. Measured 1.4e-6 (the same as CFG parallel alone).
-    (reference,) = run_ranks(f"{HERE}:worker_latents", 1, {"argv": worker_argv("tiny-sd3")}, timeout=TIMEOUT,
+    (reference,) = run_ranks(WORKER_LATENTS, 1, {"argv": worker_argv("tiny-sd3")}, timeout=TIMEOUT,
                              init_process_group=False)
-    out = run_ranks(f"{HERE}:worker_latents", 4, {"argv": worker_argv(
+    out = run_ranks(WORKER_LATENTS, 4, {"argv": worker_argv(
         "tiny-sd3", "--use_cfg_parallel", "--patch_parallel_degree", "2", "--patch_parallel_mode", "sync")},
         timeout=TIMEOUT, init_process_group=False)
     assert all(o is None for o in out[:-1])
     assert max_abs_diff(out[-1], reference) <= EXACT * scale(reference)
-
-
-def xfuser_command() -> list[str]:
-    return [sys.executable, "-m", "compactfusion_xdit.cli.launcher"]
 
 
 def test_xfuser_command_runs_displaced_compressed_patch_parallel(tmp_path):
@@ -271,7 +263,7 @@ def test_xfuser_command_runs_displaced_compressed_patch_parallel(tmp_path):
     argv = worker_argv("tiny-flux", "--patch_parallel_degree", "2", "--patch_parallel_mode", "displaced",
                        "--compression", "residual-int2", "--output_dir", str(out_dir))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(xfuser_command() + argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*xfuser_command(), *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     latents = np.load(out_dir / "latents.npy")
     assert latents.shape == (1, 256, 16) and np.isfinite(latents).all()  # packed Flux latents: 16x16 tokens

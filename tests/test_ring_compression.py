@@ -27,6 +27,7 @@ from compactfusion_xdit.models import digits
 from compactfusion_xdit.testing import run_ranks
 
 HERE = os.path.abspath(__file__)
+WORKER_RUNS = "compactfusion_xdit.testing.targets:worker_runs"
 FN_WORLD = 3
 B, H, S, D = 1, 2, 5, 8          # per rank: 5 tokens, 2 heads of 8
 JOINT_S = 3                      # joint (text) tokens, concatenated locally by the decorator
@@ -259,18 +260,6 @@ DIGITS_RESIDUAL_INT4_MIN_DB = 68.0
 DIGITS_PLAIN_GAP_DB = 20.0
 
 
-def worker_runs(rank: int, world_size: int, runs: list[list[str]], ports: list[int]):
-    """Rank target: several worker runs in turn, each on its own master port (xfuser tears its
-    process groups down after a run). Returns (latents or None, stats) per run."""
-    from compactfusion_xdit.rank import worker
-
-    outs = []
-    for argv, port in zip(runs, ports):
-        os.environ["MASTER_PORT"] = str(port)
-        result = worker.run_pipeline(worker.parse_args(argv))
-        outs.append((result.output.float() if result.is_output_rank else None, result.stats))
-    return outs
-
 
 def model_argv(model: str, layout: list[str], compression: str, *flags: str, height: int = 64, width: int = 64) -> list[str]:
     steps, prompt = (DIGITS["steps"], DIGITS["prompt"]) if model == digits.NAME else (STEPS, "a cat")
@@ -299,7 +288,7 @@ def launch(world: int, layout: list[str], runs: dict[str, tuple]) -> dict[str, t
 
     names = list(runs)
     argvs = [model_argv(runs[n][0], layout, *runs[n][1], height=runs[n][2], width=runs[n][3]) for n in names]
-    outs = run_ranks(f"{HERE}:worker_runs", world, {"runs": argvs, "ports": [free_port() for _ in names]},
+    outs = run_ranks(WORKER_RUNS, world, {"runs": argvs, "ports": [free_port() for _ in names]},
                      timeout=E2E_TIMEOUT, init_process_group=False)
     last = outs[-1]  # the output rank; every rank has the same world-summed stats
     return {n: last[i] for i, n in enumerate(names)}

@@ -27,6 +27,7 @@ from compactfusion_xdit.benchmarks.metrics import range_psnr as psnr
 from compactfusion_xdit.testing import run_ranks
 
 HERE = os.path.abspath(__file__)
+WORKER_LATENTS = "compactfusion_xdit.testing.targets:worker_latents"
 TIMEOUT = 480.0  # hard bound against hangs; generous because CI machines may be loaded
 STEPS = 8
 WARMUPS = (STEPS, 4, 2, 1)
@@ -330,12 +331,6 @@ def test_xfuser_command_runs_step_parallel_and_matches_the_diffusers_run(runs, t
     assert step == {k: sum(e[k] for e in expected) for k in ("raw_bytes", "sent_bytes", "messages")}
 
 
-def worker_latents(rank: int, world_size: int, argv: list[str]):
-    from compactfusion_xdit.rank import worker
-
-    result = worker.run_pipeline(worker.parse_args(argv))
-    return result.output.float() if result.is_output_rank else None
-
 
 @pytest.mark.slow
 def test_step_parallel_composes_with_cfg_parallel():
@@ -345,8 +340,8 @@ def test_step_parallel_composes_with_cfg_parallel():
     argv = ["--model", "tiny-sd3", "--step_parallel_degree", "2", "--step_parallel_warmup", "2",
             "--guidance_scale", "5.0", "--height", "64", "--width", "64", "--num_inference_steps", str(STEPS),
             "--prompt", "a cat", "--max_sequence_length", "16", "--seed", "42", "--output_type", "latent"]
-    alone = run_ranks(f"{HERE}:worker_latents", 2, {"argv": argv}, timeout=TIMEOUT, init_process_group=False)[-1]
-    with_cfg = run_ranks(f"{HERE}:worker_latents", 4, {"argv": argv + ["--use_cfg_parallel"]}, timeout=TIMEOUT,
+    alone = run_ranks(WORKER_LATENTS, 2, {"argv": argv}, timeout=TIMEOUT, init_process_group=False)[-1]
+    with_cfg = run_ranks(WORKER_LATENTS, 4, {"argv": argv + ["--use_cfg_parallel"]}, timeout=TIMEOUT,
                          init_process_group=False)[-1]
     assert (with_cfg - alone).abs().max().item() <= 1e-4
 
@@ -359,7 +354,7 @@ def test_step_parallel_composes_with_sequence_parallel(sp_flag):
     argv = ["--model", "tiny-flux", "--step_parallel_degree", "2", "--step_parallel_warmup", "2",
             "--height", "64", "--width", "64", "--num_inference_steps", str(STEPS),
             "--prompt", "a cat", "--max_sequence_length", "16", "--seed", "42", "--output_type", "latent"]
-    alone = run_ranks(f"{HERE}:worker_latents", 2, {"argv": argv}, timeout=TIMEOUT, init_process_group=False)[-1]
-    with_sp = run_ranks(f"{HERE}:worker_latents", 4, {"argv": argv + [sp_flag, "2"]}, timeout=TIMEOUT,
+    alone = run_ranks(WORKER_LATENTS, 2, {"argv": argv}, timeout=TIMEOUT, init_process_group=False)[-1]
+    with_sp = run_ranks(WORKER_LATENTS, 4, {"argv": argv + [sp_flag, "2"]}, timeout=TIMEOUT,
                         init_process_group=False)[-1]
     assert (with_sp - alone).abs().max().item() <= 1e-4

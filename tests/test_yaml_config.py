@@ -20,24 +20,19 @@ from compactfusion_xdit.models import tiny
 from compactfusion_xdit.core.residual import MessageKind, ResidualState
 from compactfusion_xdit.core.schedule import format_schedule, parse_schedule
 from compactfusion_xdit.testing import run_ranks
+from compactfusion_xdit.testing.targets import xfuser_command
 
+HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 QUICK = 120
 LAUNCH = 400
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("cfx-cache"))
-    tiny.materialize("tiny-flux", cache_dir=path)
-    return path
-
-
 @pytest.fixture
-def env_cache(cache, monkeypatch) -> str:
-    monkeypatch.setenv("CFX_CACHE", cache)
-    return cache
+def env_cache(model_cache, monkeypatch) -> str:
+    monkeypatch.setenv("CFX_CACHE", model_cache)
+    return model_cache
 
 
 def write(tmp_path, text: str) -> str:
@@ -190,12 +185,12 @@ def test_missing_config_file(tmp_path, capsys):
     assert "cannot read config" in line and "nope.yaml" in line
 
 
-def test_config_errors_come_before_xfuser_is_imported(tmp_path, cache):
+def test_config_errors_come_before_xfuser_is_imported(tmp_path, model_cache):
     path = write(tmp_path, "model: tiny-flux\nparallel: {ulysses_degree: 2, ring_degre: 2}\n")
     code = ("import sys; from compactfusion_xdit.cli import launcher, plan; rc = launcher.main(sys.argv[1:]); "
             "print('xfuser imported' if 'xfuser' in sys.modules else 'xfuser not imported'); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "--config", path], cwd=REPO, capture_output=True, text=True,
-                          timeout=QUICK, env={**os.environ, "CFX_CACHE": cache})
+                          timeout=QUICK, env={**os.environ, "CFX_CACHE": model_cache})
     assert proc.returncode == 2 and proc.stdout.strip() == "xfuser not imported"
     assert "parallel.ring_degre: unknown key; did you mean 'ring_degree'?" in proc.stderr
 
@@ -315,7 +310,7 @@ def wire_bytes(name: str, shape) -> int:
 
 @pytest.fixture(scope="module")
 def exchanges():
-    return run_ranks("tests/test_yaml_config.py:scheduled_exchanges", world_size=2, kwargs={"schedule": SCHEDULE},
+    return run_ranks(f"{HERE}:scheduled_exchanges", world_size=2, kwargs={"schedule": SCHEDULE},
                      timeout=QUICK)
 
 
@@ -342,19 +337,15 @@ def test_every_message_uses_the_scheduled_codec_and_its_exact_bytes(exchanges):
 # --------------------------------------------------------------------------------------------
 
 
-def xfuser_command() -> list[str]:
-    return [sys.executable, "-m", "compactfusion_xdit.cli.launcher"]  # this checkout's launcher, installed or not
-
-
-def test_the_cpu_demo_config_runs_end_to_end_with_a_schedule(cache, tmp_path):
+def test_the_cpu_demo_config_runs_end_to_end_with_a_schedule(model_cache, tmp_path):
     from PIL import Image
 
     out = tmp_path / "out"
     schedule = "steps=0:none; layers=0-1:residual-int8; layers=2-:residual-1bit"
     proc = subprocess.run(
-        xfuser_command() + ["--config", "configs/tiny-flux-cpu.yaml", "--output_dir", str(out),
+        [*xfuser_command(), "--config", "configs/tiny-flux-cpu.yaml", "--output_dir", str(out),
                             "--num_inference_steps", "3", "--compression-schedule", schedule, "--compression-check"],
-        cwd=REPO, env={**os.environ, "CFX_CACHE": cache, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        cwd=REPO, env={**os.environ, "CFX_CACHE": model_cache, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=LAUNCH)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with Image.open(out / "image_0.png") as image:
@@ -405,11 +396,11 @@ def recorded_schedule_run(rank: int, world_size: int, argv: list[str]):
 
 
 @pytest.mark.slow
-def test_the_shipped_schedule_config_codes_each_message_as_scheduled(cache):
+def test_the_shipped_schedule_config_codes_each_message_as_scheduled(model_cache):
     argv = yaml_config.expand_argv(["--config", SCHEDULE_CONFIG, "--num_inference_steps", str(SCHEDULE_STEPS),
                                     "--output_type", "latent"])
-    per_rank = run_ranks("tests/test_yaml_config.py:recorded_schedule_run", 2, {"argv": argv}, timeout=LAUNCH,
-                         init_process_group=False, env={"CFX_CACHE": cache})
+    per_rank = run_ranks(f"{HERE}:recorded_schedule_run", 2, {"argv": argv}, timeout=LAUNCH,
+                         init_process_group=False, env={"CFX_CACHE": model_cache})
     for out in per_rank:
         assert out["mismatches"] == []
         expected_raw = expected_sent = 0
