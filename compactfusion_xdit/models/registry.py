@@ -116,7 +116,7 @@ def backbone_config(path: str) -> dict:
 
 #: What the launchers' checks read of each built-in, known without building it (no torch import):
 #: its pipeline class and its backbone's ``transformer/config.json`` entries that the checks use.
-#: tests/test_fast_launcher.py compares this table with the built models.
+#: tests/cli/test_fast_launcher.py compares this table with the built models.
 BUILTIN_CONFIGS: dict[str, tuple[str, dict]] = {
     "tiny-flux": ("FluxPipeline", {"num_attention_heads": 4}),
     "tiny-pixart": ("PixArtAlphaPipeline", {"num_attention_heads": 4}),

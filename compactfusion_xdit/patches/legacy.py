@@ -18,7 +18,7 @@ Two replacements in ``yunchang.comm.all_to_all``, both restored by ``uninstall()
 
 yunchang's ring (``RingComm``) is compressed by `patches.legacy_ring`, applied from here. Sana's processor asks yunchang 0.6.4 for an
 ``AttnType.TORCH`` it does not define, so the whole legacy model path does not run without
-flash-attn; the exchange itself is exercised at the function level (tests/test_legacy_compression.py).
+flash-attn; the exchange itself is exercised at the function level (tests/paths/test_legacy_compression.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Used by the test suite and benchmarks: every rank is its own process with one th
 port is a fresh free port, and a launch that exceeds its timeout kills every rank and raises, so a
 hang fails the caller instead of stalling it.
 
-    results = run_ranks("tests/test_comm.py:check_all_to_all", world_size=2, kwargs={"n": 4})
+    results = run_ranks("tests/comm/test_comm.py:check_all_to_all", world_size=2, kwargs={"n": 4})
 
 The target is ``"path/to/file.py:function"`` or ``"package.module:function"``; it is called as
 ``function(rank, world_size, **kwargs)`` after ``torch.distributed`` is initialised with gloo

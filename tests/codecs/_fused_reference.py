@@ -1,4 +1,4 @@
-"""Plain-torch transcription of docs/codec_format.md, the oracle for tests/test_fused_kernels.py.
+"""Plain-torch transcription of docs/codec_format.md, the oracle for tests/codecs/test_fused_kernels.py.
 
 Kept independent of compactfusion_xdit.codecs so the kernels are checked against the document
 itself; the tests also compare with the codecs package's torch path when it is importable.

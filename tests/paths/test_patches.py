@@ -16,7 +16,7 @@ import torch
 
 from compactfusion_xdit.patches._attrs import AttributePatcher
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo patches are inactive where CUDA is available")
 
 

@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: /proc and PR_SET_PDEATHSIG")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARK = "CFX_ORPHAN_TEST"
 DEADLINE = 10.0  # seconds from the kill to the last process of the job gone (the requirement)
 START = 90.0  # seconds for torchrun and two light ranks to come up on a busy 2-core machine

@@ -16,7 +16,7 @@ import pytest
 
 from compactfusion_xdit.benchmarks import metrics, netns
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, "scripts")
 
 

@@ -278,7 +278,7 @@ def test_benchmark_quick_run_reports_every_codec(tmp_path):
     import json
     import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_codec.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench_codec.py")
     spec = importlib.util.spec_from_file_location("bench_codec", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -3,7 +3,7 @@
 The xfuser 0.7.0 wheel installs its test suite as the top-level package ``tests`` in
 site-packages. ``SELECTION`` lists the modules that run on CPU/gloo (survey and reasons for
 the rest: docs/xfuser_own_tests.md). Each run happens in a subprocess with a hard timeout,
-via ``tests/_xfuser_own_tests_runner.py``, which installs the patches before xfuser loads.
+via ``tests/paths/_xfuser_own_tests_runner.py``, which installs the patches before xfuser loads.
 """
 
 import importlib.util

@@ -25,7 +25,7 @@ import pytest
 from compactfusion_xdit import launch
 from compactfusion_xdit.testing import free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN_TIMEOUT = 240  # seconds: torchrun, two xfuser imports and a model build on a busy 2-core machine
 
 

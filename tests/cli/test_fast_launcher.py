@@ -17,7 +17,7 @@ import pytest
 from compactfusion_xdit.cli import dry_run, flag_table, launcher, torchrun
 from compactfusion_xdit.models import registry
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = 120  # seconds: the bound for a subprocess that must not get far
 LAUNCH = 300  # seconds: two ranks importing xfuser on a busy machine
 HEAVY = ("torch", "diffusers", "transformers", "xfuser")

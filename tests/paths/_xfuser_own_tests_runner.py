@@ -1,6 +1,6 @@
 """Run a selection of xfuser's own installed tests with our patches installed first.
 
-Usage: ``python tests/_xfuser_own_tests_runner.py MODE [pytest args...]`` where MODE is
+Usage: ``python tests/paths/_xfuser_own_tests_runner.py MODE [pytest args...]`` where MODE is
 ``none`` (CPU/gloo support only) or ``raw-paths`` (every compression path patch applied,
 warm-up never ends, so every message goes raw). Exits with pytest's exit code.
 Run as a script in a subprocess: it must install the patches before pytest imports xfuser.

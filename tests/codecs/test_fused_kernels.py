@@ -1,6 +1,6 @@
 """Fused Triton codec kernels == the torch arithmetic of docs/codec_format.md.
 
-The checks themselves live in tests/_fused_checks.py (see its docstring for the exact properties
+The checks themselves live in tests/codecs/_fused_checks.py (see its docstring for the exact properties
 and bounds). On CPU they run under Triton's interpreter in a subprocess, so TRITON_INTERPRET never
 reaches this pytest process; on CUDA they run in-process on the real kernels.
 """

@@ -12,7 +12,7 @@ import pytest
 from compactfusion_xdit.cli import plan, torchrun
 from compactfusion_xdit.testing.targets import xfuser_command
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = 120  # seconds: the subprocess bound for checks that must not reach xfuser or torchrun
 LAUNCH = 300  # seconds: one two-rank run including each rank's xfuser import
 

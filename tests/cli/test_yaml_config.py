@@ -23,7 +23,7 @@ from compactfusion_xdit.testing import run_ranks
 from compactfusion_xdit.testing.targets import xfuser_command
 
 HERE = os.path.abspath(__file__)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 QUICK = 120
 LAUNCH = 400

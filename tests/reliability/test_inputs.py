@@ -1,7 +1,7 @@
 """Inputs fuzzed: any command line over the real flag set, and any YAML config, ends in either an
 accepted dry run (exit 0, or 3 when the model folder does not exist; nothing launched) or exactly one
 ``xfuser: error:`` line with exit 2 -- never a traceback. The flag set is `flag_table.fast_parser()`: our flags plus xfuser 0.7.0's, the
-snapshot tests/test_yaml_config.py keeps equal to ``args.build_parser()``."""
+snapshot tests/cli/test_yaml_config.py keeps equal to ``args.build_parser()``."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_any_yaml_config_is_a_dry_run_or_one_error_line(tmp_path, text):
 
 
 def test_the_shipped_configs_dry_run_cleanly():
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
     for name in sorted(os.listdir(root)):
         if name.endswith(".yaml"):
             code, out, err = run_cli(["--config", os.path.join(root, name), "--dry-run"])

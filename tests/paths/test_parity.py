@@ -22,7 +22,7 @@ from compactfusion_xdit.testing import rank_env, run_ranks
 HERE = os.path.abspath(__file__)
 WORKER_LATENTS = "compactfusion_xdit.testing.targets:worker_latents"
 WORKER_LATENTS_IN_TURN = "compactfusion_xdit.testing.targets:worker_latents_in_turn"
-REPO = os.path.dirname(os.path.dirname(HERE))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 STEPS = 3
 EXACT = 1e-4  # fp32: measured 4.8e-7 (tiny-flux, |latents| <= 4.2) for every exact Flux layout
 TIMEOUT = 150.0

@@ -11,7 +11,7 @@ import torch
 
 from compactfusion_xdit.models import tiny
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMES = ("tiny-flux", "tiny-pixart", "tiny-sd3")
 
 

@@ -21,7 +21,7 @@ from compactfusion_xdit.models import registry
 from compactfusion_xdit.rank import outputs, traffic
 from compactfusion_xdit.testing.ranks import run_ranks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.abspath(__file__)
 LAUNCH = 300  # seconds: one two-rank run including each rank's xfuser import
 MAX_LINES = 10

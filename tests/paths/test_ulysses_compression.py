@@ -144,7 +144,7 @@ DOG = {"prompt": "a dog", "height": NON_SQUARE[0], "width": NON_SQUARE[1]}
 @pytest.fixture(scope="module")
 def reference(flux):
     """Uncompressed Ulysses 2 (``--compression none``: every message raw through a session that only
-    counts them, bitwise stock: tests/test_first_run.py), "a cat" 64x64."""
+    counts them, bitwise stock: tests/cli/test_first_run.py), "a cat" 64x64."""
     out = run_ranks(f"{HERE}:worker_run", 2, {"argv": argv_for(flux, "none")}, timeout=TIMEOUT, init_process_group=False)
     latents, stats = out[1]
     assert out[0] is None and list(stats["paths"]) == ["ulysses"] and stats["cache_consistent"] is None

@@ -22,7 +22,7 @@ from compactfusion_xdit.models import tiny, tiny_more
 from compactfusion_xdit.testing import run_ranks
 
 HERE = os.path.abspath(__file__)
-REPO = os.path.dirname(os.path.dirname(HERE))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 QUICK = 120
 LAUNCH = 300
 

@@ -27,7 +27,7 @@ from compactfusion_xdit.testing.targets import xfuser_command
 
 HERE = os.path.abspath(__file__)
 WORKER_LATENTS = "compactfusion_xdit.testing.targets:worker_latents"
-REPO = os.path.dirname(os.path.dirname(HERE))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 STEPS = 4
 EXACT = 1e-4  # fp32; measured 0.0 (bitwise) on all three tiny models, sync and displaced with full warm-up
 TIMEOUT = 240.0

@@ -9,7 +9,7 @@ import os
 import pytest
 
 PACKAGE = "compactfusion_xdit"
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), PACKAGE)
 
 
 def modules() -> dict[str, str]:

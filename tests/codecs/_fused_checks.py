@@ -1,7 +1,7 @@
 """Equality checks of the fused kernels against the torch transcription of the codec format.
 
-Shared by tests/test_fused_kernels.py: run in-process on CUDA, and in a subprocess under
-TRITON_INTERPRET=1 on CPU (`python tests/_fused_checks.py CODEC` prints failures, exits 1 on any).
+Shared by tests/codecs/test_fused_kernels.py: run in-process on CUDA, and in a subprocess under
+TRITON_INTERPRET=1 on CPU (`python tests/codecs/_fused_checks.py CODEC` prints failures, exits 1 on any).
 
 What is checked, per codec, dtype and shape, for plain and residual mode (error feedback on/off):
 - int8/int4: payload bytes and scales bitwise equal to the reference; reconstructions and caches
