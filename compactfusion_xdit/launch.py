@@ -38,11 +38,16 @@ from compactfusion_xdit.reliability import orphans
 from compactfusion_xdit.cli import flags as cli_args
 
 
+def _script_index(argv: list[str]) -> int | None:
+    """Where the script is: the first ``*.py`` argument."""
+    return next((i for i, arg in enumerate(argv) if arg.endswith(".py") and not arg.startswith("-")), None)
+
+
 def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:
-    """(our flags, script path, the script's arguments): the script is the first ``*.py`` argument."""
-    for i, arg in enumerate(argv):
-        if arg.endswith(".py") and not arg.startswith("-"):
-            return argv[:i], arg, argv[i + 1:]
+    """(our flags, script path, the script's arguments)."""
+    i = _script_index(argv)
+    if i is not None:
+        return argv[:i], argv[i], argv[i + 1:]
     raise ValueError("no script given; usage: python -m compactfusion_xdit.launch [--compression NAME] script.py [args]")
 
 
@@ -65,6 +70,16 @@ def resolve_model_arg(script_argv: list[str], announce=None) -> list[str]:
         elif arg.startswith("--model="):
             out[i] = "--model=" + resolved(arg[len("--model="):])
     return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m compactfusion_xdit.launch", usage="%(prog)s [--compression NAME ...] script.py [script args]",
+        description="Run an xfuser script unmodified with compressed communication: each rank installs the plugin, "
+        "then runs the script (launch it with torchrun as you would the script).")
+    cli_args.add_compression_args(parser)
+    parser.set_defaults(compression=envs.get(envs.COMPRESSION) or "none")
+    return parser
 
 
 def _rank() -> int:
@@ -162,13 +177,15 @@ class ExitReport:
 def main(argv: list[str] | None = None) -> int:
     orphans.exit_with_parent()  # this rank ends when torchrun (or the launcher) dies
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    ours = argv[:_script_index(argv)]  # the script's own --help goes to the script
+    if "-h" in ours or "--help" in ours:
+        parser.print_help()
+        return 0
     try:
         ours, script, script_argv = split_argv(argv)
         if not os.path.isfile(script):
             raise ValueError(f"script {script!r} does not exist")
-        parser = argparse.ArgumentParser(prog="python -m compactfusion_xdit.launch")
-        cli_args.add_compression_args(parser)
-        parser.set_defaults(compression=envs.get(envs.COMPRESSION) or "none")
         ns = parser.parse_args(ours)
         config = cli_args.compression_config(ns)
     except ValueError as err:

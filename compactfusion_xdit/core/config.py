@@ -18,6 +18,7 @@ A schedule picks another name per message from its path, layer and step (`compac
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -27,6 +28,11 @@ from compactfusion_xdit.core.schedule import ScheduleRule, parse_schedule
 PATHS = ("ulysses", "ring", "pipefusion", "legacy", "patch", "step")
 #: plain: code x itself; residual: code x minus the receiver's cache; none: send raw.
 MODES = ("plain", "residual", "none")
+
+#: The built-in codecs (`compactfusion_xdit.codecs`), named here so that checking a name needs no
+#: torch import (the launchers check flags before anything heavy); a test keeps the two equal.
+BUILTIN_CODECS = ("none", "int8", "int4", "int2", "1bit")
+_LOWRANK = re.compile(r"lowrank-([1-9][0-9]*)")
 
 _RESIDUAL_PREFIX = "residual-"
 _PLAIN_PREFIX = "plain-"
@@ -48,7 +54,9 @@ def valid_names() -> list[str]:
 
 
 def _check_codec(codec: str, typed: str) -> None:
-    from compactfusion_xdit import codecs
+    if codec in BUILTIN_CODECS or _LOWRANK.fullmatch(codec):
+        return
+    from compactfusion_xdit import codecs  # a codec registered in this process, or a bad name
 
     try:
         codecs.get(codec)

@@ -289,3 +289,9 @@ def test_benchmark_quick_run_reports_every_codec(tmp_path):
     assert {(r["codec"], r["mode"]) for r in rows} >= {(n, "residual") for n in ["int8", "int4", "int2", "1bit"]}
     for r in rows:
         assert r["payload_bytes"] == codecs.get(r["codec"]).payload_nbytes((r["N"], r["C"]), torch.float16)
+
+
+def test_the_config_knows_the_builtin_codec_names_without_importing_torch():
+    from compactfusion_xdit.core.config import BUILTIN_CODECS
+
+    assert set(BUILTIN_CODECS) == {n for n in codecs.names() if n != "lowrank-<R>"} - set(codecs._user)

@@ -260,6 +260,18 @@ def test_launch_module_installs_before_the_script_runs(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "residual-int2 ['--model', 'x']"
 
 
+def test_launch_help_lists_our_flags_and_a_scripts_help_reaches_the_script(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "compactfusion_xdit.launch", "--help"], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=QUICK)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m compactfusion_xdit.launch")
+    assert "--compression NAME" in proc.stdout and "--compression-stats" in proc.stdout
+    script = tmp_path / "example.py"
+    script.write_text("import sys\nprint('script', sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-m", "compactfusion_xdit.launch", str(script), "--help"], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=QUICK)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "script ['--help']", proc.stderr[-2000:]
+
+
 def test_ray_worker_hook_installs_the_compression_of_the_runtime_env():
     from compactfusion_xdit import ray_support
 
