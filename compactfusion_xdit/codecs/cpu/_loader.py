@@ -78,7 +78,7 @@ def _marker() -> str:
     src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels.py")
     st = os.stat(src)
     key = "|".join([src, str(st.st_mtime_ns), str(st.st_size), numba.__version__, sys.version,
-                    platform.machine(), platform.processor()])
+                    platform.machine(), platform.processor(), os.environ.get("NUMBA_CACHE_DIR", "")])
     return os.path.join(_warm.state_dir(), f"cpu-codecs-{hashlib.sha1(key.encode()).hexdigest()[:16]}.ok")
 
 
