@@ -20,6 +20,7 @@ setup(
         "protobuf",
         "pyyaml",
         "numpy",
+        "numba>=0.60",  # compiled CPU codecs (codecs/cpu); wheels bring llvmlite, no compiler needed
         "pillow",
     ],
     extras_require={

@@ -4,12 +4,16 @@
     python scripts/bench_codec.py --device cuda --path both --dtype float16,bfloat16 --json out/codec.json
     python scripts/bench_codec.py --device cuda --codecs int8,int4,int2,1bit --modes residual --sweep-warps
     python scripts/bench_codec.py --quick               # tiny sizes, one repetition (CI smoke run)
+    python scripts/bench_codec.py --codecs int4 --modes residual --path both --dtype float32,bfloat16 --sizes 64,256 --channels 64
 
 Modes: `residual` (encode_residual with error feedback: read x, read base, write base, write
 payload; decode_residual: read payload, read base, write base) and `plain` (encode: read x, write
 payload; decode: read payload, write x). Effective GB/s divides those fewest bytes by the median
 time. `--path fused|torch|both` selects the default dispatch (the fused kernels where a codec has
-them) or the torch reference (CFX_FORCE_TORCH=1).
+them: Triton on CUDA, the numba-compiled codecs on CPU) or the torch reference (CFX_FORCE_TORCH=1);
+the `backend` column names what took the call (fused, cpu or torch). On CPU the script first waits
+for the compiled kernels (`codecs.cpu.ensure_compiled`) and prints how long that took (a first
+compile on the machine, or a load from numba's cache), and runs torch on --threads threads (1).
 
 Timing: on CPU, ``time.perf_counter`` (median of --reps after warm-up). On CUDA with Triton,
 ``triton.testing.do_bench`` (CUDA events, L2 cache flushed before each run, median); without
@@ -20,7 +24,8 @@ second time as a CUDA-graph replay of the whole call (launch overhead out; ``*_g
 
 JSON (--json): ``device``, ``torch``, ``triton``, ``timer``, ``copy_GBps``, ``rows`` (one per
 codec x mode x path x dtype x N: times in us, GB/s, ``payload_bytes``, ``raw_bytes``,
-``ratio_vs_fp16``, ``ratio_vs_dtype``) and ``num_warps_sweep``. Earlier files stay readable:
+``ratio_vs_fp16``, ``ratio_vs_dtype``, ``backend``), ``num_warps_sweep`` and on CPU
+``cpu_compile_s`` (seconds until the compiled CPU codecs were ready) and ``threads``. Earlier files stay readable:
 docs/results/bench_codec_h100.json has this layout; docs/results/bench_fused_h100.json is the
 former fused-only benchmark's (``fused_enc_us``, ``torch_enc_us`` ... per row).
 """
@@ -37,6 +42,8 @@ import time
 import torch
 
 from compactfusion_xdit import codecs
+from compactfusion_xdit.codecs import base as codec_base
+from compactfusion_xdit.codecs import cpu as cpu_codecs
 from compactfusion_xdit.codecs import fused
 
 DEFAULT_CODECS = ["none", "int8", "int4", "int2", "1bit", "lowrank-8"]
@@ -142,7 +149,7 @@ def bench_one(name, mode, n, c, dtype, device, timer: Timer, graph: bool = False
     base = (x.float() + 0.1 * torch.randn(n, c, generator=g, device=device)).to(dtype)
     raw = x.numel() * x.element_size()
     payload_bytes = codec.payload_nbytes((n, c), dtype)
-    extra = {}
+    extra = {"backend": backend_name(name, x)}
     if mode == "residual":
         work = base.clone()
         p = codec.encode_residual(x, work)
@@ -165,6 +172,12 @@ def bench_one(name, mode, n, c, dtype, device, timer: Timer, graph: bool = False
         "payload_bytes": payload_bytes, "raw_bytes": raw,
         "ratio_vs_fp16": (n * c * 2) / payload_bytes, "ratio_vs_dtype": raw / payload_bytes, **extra,
     }
+
+
+def backend_name(name, x) -> str:
+    """Which implementation codes `x` with codec `name` now: fused (Triton), cpu (numba) or torch."""
+    backend = codec_base._fused_backend(name, x)
+    return "torch" if backend is None else backend.__name__.rsplit(".", 1)[-1]
 
 
 def sweep_num_warps(timer: Timer, channels: int, sizes: list[int]) -> list[dict]:
@@ -191,11 +204,11 @@ def print_table(rows: list[dict], device: torch.device, bw: float | None, timer:
     graphs = any("encode_graph_us" in r for r in rows)
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}   timer: {timer.name}"
           + (f"   copy bandwidth {bw:.0f} GB/s" if bw else ""))
-    print(f"{'codec':>10} {'mode':>8} {'path':>7} {'dtype':>8} {'N':>6} {'C':>5} {'enc us':>9} {'enc GB/s':>9} "
+    print(f"{'codec':>10} {'mode':>8} {'path':>7} {'backend':>7} {'dtype':>8} {'N':>6} {'C':>5} {'enc us':>9} {'enc GB/s':>9} "
           f"{'dec us':>9} {'dec GB/s':>9} {'x fp16':>7} {'x dtype':>7}"
           + (" enc %copy dec %copy" if bw else "") + (" enc graph dec graph" if graphs else ""))
     for r in rows:
-        line = (f"{r['codec']:>10} {r['mode']:>8} {r['path']:>7} {r['dtype']:>8} {r['N']:>6} {r['C']:>5} "
+        line = (f"{r['codec']:>10} {r['mode']:>8} {r['path']:>7} {r.get('backend', '-'):>7} {r['dtype']:>8} {r['N']:>6} {r['C']:>5} "
                 f"{r['encode_us']:>9.1f} {r['encode_GBps']:>9.2f} {r['decode_us']:>9.1f} {r['decode_GBps']:>9.2f} "
                 f"{r['ratio_vs_fp16']:>7.2f} {r['ratio_vs_dtype']:>7.2f}")
         if bw:
@@ -221,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--graph-max-n", type=int, default=4096,
                     help="CUDA: also time the fused residual kernels as a CUDA-graph replay up to this N (0: never)")
     ap.add_argument("--sweep-warps", action="store_true", help="CUDA + Triton: time residual int4 at each num_warps")
+    ap.add_argument("--threads", type=int, default=1, help="CPU: torch threads (the compiled codecs use one)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few reps (smoke test)")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args(argv)
@@ -242,6 +256,15 @@ def main(argv=None) -> int:
     timer = Timer(device, reps, warmup)
     paths = {"torch": [True], "fused": [False], "both": [True, False]}[args.path]
     dtypes = [DTYPES[d] for d in args.dtype.split(",")]
+    compile_s = None
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        if False in paths:
+            t0 = time.perf_counter()
+            ready = cpu_codecs.ensure_compiled()
+            compile_s = time.perf_counter() - t0
+            print(f"compiled CPU codecs: {cpu_codecs.status()} after {compile_s:.2f} s"
+                  + ("" if ready else " (the default path is the torch reference)"))
 
     rows = []
     for force in paths:
@@ -264,7 +287,8 @@ def main(argv=None) -> int:
         triton_version = __import__("triton").__version__ if fused.triton_available() else None
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "copy_GBps": bw, "torch": torch.__version__, "triton": triton_version,
-                       "timer": timer.name, "rows": rows, "num_warps_sweep": sweep}, f, indent=1)
+                       "timer": timer.name, "rows": rows, "num_warps_sweep": sweep,
+                       "cpu_compile_s": compile_s, "threads": args.threads if device.type == "cpu" else None}, f, indent=1)
     return 0
 
 

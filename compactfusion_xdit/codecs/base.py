@@ -33,8 +33,9 @@ class Codec:
 
     Subclasses define the wire layout (`layout`), the coding of float32 values (`_encode_values`)
     and its dequantisation (`_decode_values`). The base class provides plain and residual
-    coding; on CUDA it hands the quantising codecs to the fused Triton kernels
-    (`compactfusion_xdit.codecs.fused`), which produce the same payloads and caches.
+    coding; it hands the quantising codecs to fused kernels that produce the same payloads and
+    caches: Triton on CUDA (`compactfusion_xdit.codecs.fused`), numba on CPU
+    (`compactfusion_xdit.codecs.cpu`).
 
         c = codecs.get("int4"); p = c.encode(x); y = c.decode(p)      # plain
         p = c.encode_residual(x, base)   # sender: codes x - base, base <- reconstruction
@@ -92,10 +93,9 @@ class Codec:
     def encode(self, x: torch.Tensor) -> Payload:
         """Code x itself."""
         _check_tensor(x, self.name)
-        if _fused_supports(self.name, x):
-            from . import fused
-
-            return fused.encode(self, x)
+        backend = _fused_backend(self.name, x)
+        if backend is not None:
+            return backend.encode(self, x)
         return self._payload(self._encode_values(x.float(), x.dtype), x)
 
     def decode_float(self, p: Payload) -> torch.Tensor:
@@ -104,10 +104,9 @@ class Codec:
 
     def decode(self, p: Payload) -> torch.Tensor:
         """The decoded tensor, in the coded tensor's shape and dtype."""
-        if _fused_supports(self.name, p.tensors[0]):
-            from . import fused
-
-            return fused.decode(self, p)
+        backend = _fused_backend(self.name, p.tensors[0])
+        if backend is not None:
+            return backend.decode(self, p)
         return to_dtype(self.decode_float(p), p.dtype)
 
     # --- residual coding ----------------------------------------------------------------------
@@ -115,10 +114,9 @@ class Codec:
         """Code r = x - base; then base <- base + deq(payload) (error feedback) or base <- x, in place."""
         _check_tensor(x, self.name)
         _check_base(x, base)
-        if _fused_supports(self.name, x):
-            from . import fused
-
-            return fused.encode_residual(self, x, base, error_feedback)
+        backend = _fused_backend(self.name, x)
+        if backend is not None:
+            return backend.encode_residual(self, x, base, error_feedback)
         r = x.to(torch.float32, copy=True)  # copy: x.float() would alias a float32 x
         r.sub_(base)  # computed in float32: the same bits as x.float() - base.float()
         p = self._payload(self._encode_values(r, x.dtype), x)
@@ -136,10 +134,9 @@ class Codec:
                 f"{self.name}: cache {tuple(base.shape)} {base.dtype} does not match payload "
                 f"{tuple(p.shape)} {p.dtype}; reset the channel"
             )
-        if _fused_supports(self.name, base):
-            from . import fused
-
-            fused.decode_residual(self, p, base)
+        backend = _fused_backend(self.name, base)
+        if backend is not None:
+            backend.decode_residual(self, p, base)
             return
         total = self.decode_float(p) + base  # promoted to float32: the bits of base.float() + deq
         base.copy_(saturate_(total, base.dtype))
@@ -151,20 +148,44 @@ class Codec:
         return f"<codec {self.name}>"
 
 
-def _fused_supports(name: str, x: torch.Tensor) -> bool:
-    """Whether the fused Triton path (codecs/fused, optional) takes this call.
+def _fused_backend(name: str, x: torch.Tensor):
+    """The fused module that takes this call, or None: the torch reference runs.
 
-    False when CFX_FORCE_TORCH=1, on CPU (unless Triton's interpreter is on), or when the fused
-    package or triton cannot be imported: the torch reference then runs.
+    CUDA tensors (and CPU ones under Triton's interpreter, TRITON_INTERPRET=1): `codecs.fused`
+    (Triton) when triton imports. Other CPU tensors: `codecs.cpu` (numba-compiled) once its
+    kernels are compiled (the first call starts that in the background). None when
+    CFX_FORCE_TORCH=1, for codecs without fused kernels, or where the backend is unavailable.
     """
-    if _force_torch() or (x.device.type == "cpu" and not _interpreting()):
-        return False
+    if _force_torch():
+        return None
+    if x.is_cpu and not _interpreting():
+        cpu = _cpu_backend()
+        return cpu if cpu is not None and cpu.takes(name, x) else None
     try:
         from . import fused
     except ImportError:
-        return False
+        return None
     supports = getattr(fused, "supports", None)
-    return bool(supports is not None and supports(name, x))
+    return fused if supports is not None and supports(name, x) else None
+
+
+_CPU_BACKEND = []
+
+
+def _cpu_backend():
+    """codecs.cpu, imported once (None if it cannot be imported)."""
+    if not _CPU_BACKEND:
+        try:
+            from . import cpu
+        except ImportError:
+            cpu = None
+        _CPU_BACKEND.append(cpu)
+    return _CPU_BACKEND[0]
+
+
+def _fused_supports(name: str, x: torch.Tensor) -> bool:
+    """Whether a fused path (Triton on CUDA, numba on CPU) takes this call (see `_fused_backend`)."""
+    return _fused_backend(name, x) is not None
 
 
 def _force_torch() -> bool:

@@ -1,0 +1,499 @@
+"""Numba kernels of the CPU codec path: the arithmetic of docs/codec_format.md, one call per coding.
+
+Compiled with nopython, no fastmath and the numpy error model (IEEE division, no Python
+exceptions on 0/0), so LLVM neither contracts a multiply and an add into an FMA nor reassociates:
+every float32 operation below rounds once, as written. Constants are np.float32 so that no float64
+sneaks into the arithmetic (a float32 op with a Python float would be done in float64); the only
+float64 values are the accumulators of the sums (int2's mean |r|, 1bit's means), which the format
+allows to be summed in any order (a documented bound, not bits).
+
+16-bit tensors arrive as uint16 arrays (numba has no float16/bfloat16 on the CPU) with `kind`
+saying which: 0 float32, 1 float16, 2 bfloat16. Conversions are integer bit manipulation:
+- bf16 -> f32: bits << 16 (exact); f32 -> bf16: round to nearest even, NaN -> 0xFFFF (what
+  torch's vectorised CPU conversion writes; its scalar path writes 0x7FC0: both are NaN).
+- f16 -> f32: exact (normals, subnormals, inf, NaN payload kept); f32 -> f16: round to nearest
+  even, overflow -> inf, NaN -> quiet NaN with its sign and the top payload bits (as F16C does).
+Caches are saturated to the dtype's largest finite value before the cast (the codecs' `to_dtype`).
+
+Each encode/decode is one call that walks the rows: per row it converts x (and the cache) to
+float32 in a row buffer, reduces the row's scale, codes, packs, and updates the cache row in
+place, while the row is in L1. 1bit needs all rows for its channel means: a statistics pass over
+the rows, then the coding pass.
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+_JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)
+_INLINE = dict(_JIT, inline="always")  # per-element helpers: inlined in numba IR so loops vectorise
+
+F32_ZERO = np.float32(0.0)
+F32_HALF = np.float32(0.5)
+F32_ONE = np.float32(1.0)
+F32_1P25 = np.float32(1.25)
+RINT_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half to even
+FP16_MAX = np.float32(65504.0)
+BF16_MAX = np.float32(3.3895313892515355e38)
+U16_NAN_BF16 = np.uint16(0xFFFF)
+
+
+@intrinsic
+def f32_bits(typingctx, v):
+    """The IEEE bits of a float32, as uint32."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def f32_from_bits(typingctx, u):
+    """The float32 whose IEEE bits are the low 32 bits of integer u (numba widens integer
+    arithmetic to 64 bits, so u may be any integer type)."""
+    if not isinstance(u, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        width = signature.args[0].bitwidth
+        if width > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif width < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(u), codegen
+
+
+# ---- scalar conversions ------------------------------------------------------------------------
+
+@njit(**_INLINE)
+def bf16_bits(v):
+    """float32 -> bfloat16 bits (round to nearest even; NaN -> 0xFFFF)."""
+    if v != v:
+        return U16_NAN_BF16
+    u = f32_bits(v)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(**_INLINE)
+def bf16_to_f32(h):
+    return f32_from_bits(np.uint32(h) << np.uint32(16))
+
+
+@njit(**_INLINE)
+def bf16_round(v):
+    """float32 -> the nearest bfloat16 value as float32 (NaN stays NaN)."""
+    if v != v:
+        return v
+    u = f32_bits(v)
+    return f32_from_bits((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+
+
+@njit(**_INLINE)
+def f16_to_f32(h):
+    """float16 bits -> float32 (exact)."""
+    h32 = np.uint32(h)
+    sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
+    em = h32 & np.uint32(0x7FFF)
+    if em >= np.uint32(0x7C00):  # inf / NaN: exponent all ones, payload shifted up
+        return f32_from_bits(sign | np.uint32(0x7F800000) | ((em & np.uint32(0x3FF)) << np.uint32(13)))
+    if em >= np.uint32(0x0400):  # normal: rebias the exponent (127 - 15 = 112)
+        return f32_from_bits(sign | ((em << np.uint32(13)) + np.uint32(0x38000000)))
+    # zero / subnormal: em * 2**-24, exact in float32
+    mag = np.float32(np.int32(em)) * np.float32(5.9604644775390625e-08)
+    return f32_from_bits(sign | f32_bits(mag))
+
+
+@njit(**_INLINE)
+def f16_bits(v):
+    """float32 -> float16 bits (round to nearest even; >= 65520 -> inf; NaN -> quiet NaN)."""
+    u = f32_bits(v)
+    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+    a = u & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):  # NaN: keep the top payload bits, set the quiet bit
+        h = np.uint32(0x7E00) | ((a >> np.uint32(13)) & np.uint32(0x3FF))
+    elif a >= np.uint32(0x477FF000):  # >= 65520 rounds to inf (and inf itself)
+        h = np.uint32(0x7C00)
+    elif a >= np.uint32(0x38800000):  # a normal float16 (>= 2**-14)
+        h = ((a - np.uint32(0x38000000)) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+    else:  # subnormal or zero: adding 0.5 (ulp 2**-24) rounds to a multiple of 2**-24, half to even
+        h = f32_bits(f32_from_bits(a) + F32_HALF) - np.uint32(0x3F000000)
+    return np.uint16(h | sign)
+
+
+# ---- row conversions ---------------------------------------------------------------------------
+
+def load_row(src, n, kind, out):
+    """out[:C] = row n of src as float32 (src float32, or uint16 bits of kind 1 fp16 / 2 bf16)."""
+
+
+def store_row(dst, n, kind, vals):
+    """Row n of dst = vals cast to dst's dtype, saturated at its largest finite value (NaN kept)."""
+
+
+@overload(load_row, jit_options=_JIT)
+def _load_row_impl(src, n, kind, out):
+    if src.dtype == types.float32:
+        def load_f32(src, n, kind, out):
+            for c in range(out.shape[0]):
+                out[c] = src[n, c]
+        return load_f32
+
+    def load_16(src, n, kind, out):
+        C = out.shape[0]
+        if kind == 1:
+            for c in range(C):
+                out[c] = f16_to_f32(src[n, c])
+        else:
+            for c in range(C):
+                out[c] = bf16_to_f32(src[n, c])
+    return load_16
+
+
+@overload(store_row, jit_options=_JIT)
+def _store_row_impl(dst, n, kind, vals):
+    if dst.dtype == types.float32:
+        def store_f32(dst, n, kind, vals):
+            for c in range(vals.shape[0]):
+                dst[n, c] = vals[c]
+        return store_f32
+
+    def store_16(dst, n, kind, vals):
+        C = vals.shape[0]
+        if kind == 1:
+            for c in range(C):
+                v = vals[c]
+                if v > FP16_MAX:
+                    v = FP16_MAX
+                elif v < -FP16_MAX:
+                    v = -FP16_MAX
+                dst[n, c] = f16_bits(v)
+        else:
+            for c in range(C):
+                v = vals[c]
+                if v > BF16_MAX:
+                    v = BF16_MAX
+                elif v < -BF16_MAX:
+                    v = -BF16_MAX
+                dst[n, c] = bf16_bits(v)
+    return store_16
+
+
+@njit(**_JIT)
+def _abs_sum(r):
+    """sum |r| in float64, eight interleaved partial sums (fixed order, so deterministic)."""
+    C = r.shape[0]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    c = 0
+    while c + 8 <= C:
+        s0 += abs(r[c])
+        s1 += abs(r[c + 1])
+        s2 += abs(r[c + 2])
+        s3 += abs(r[c + 3])
+        s4 += abs(r[c + 4])
+        s5 += abs(r[c + 5])
+        s6 += abs(r[c + 6])
+        s7 += abs(r[c + 7])
+        c += 8
+    while c < C:
+        s0 += abs(r[c])
+        c += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(**_JIT)
+def _pack(codes, bits, data, n):
+    """Pack codes[:B*k] (k = 8 // bits, zero-padded) into row n of data, least significant first."""
+    B = data.shape[1]
+    if bits == 8:
+        for j in range(B):
+            data[n, j] = codes[j]
+    elif bits == 4:
+        for j in range(B):
+            data[n, j] = codes[2 * j] | (codes[2 * j + 1] << np.uint8(4))
+    elif bits == 2:
+        for j in range(B):
+            data[n, j] = (codes[4 * j] | (codes[4 * j + 1] << np.uint8(2))
+                          | (codes[4 * j + 2] << np.uint8(4)) | (codes[4 * j + 3] << np.uint8(6)))
+    else:
+        for j in range(B):
+            b = np.uint8(0)
+            for i in range(8):
+                b |= codes[8 * j + i] << np.uint8(i)
+            data[n, j] = b
+
+
+@njit(**_JIT)
+def _unpack(data, n, bits, codes):
+    """Inverse of _pack for row n: codes[:B*k]."""
+    B = data.shape[1]
+    if bits == 8:
+        for j in range(B):
+            codes[j] = data[n, j]
+    elif bits == 4:
+        for j in range(B):
+            b = data[n, j]
+            codes[2 * j] = b & np.uint8(15)
+            codes[2 * j + 1] = b >> np.uint8(4)
+    elif bits == 2:
+        for j in range(B):
+            b = data[n, j]
+            codes[4 * j] = b & np.uint8(3)
+            codes[4 * j + 1] = (b >> np.uint8(2)) & np.uint8(3)
+            codes[4 * j + 2] = (b >> np.uint8(4)) & np.uint8(3)
+            codes[4 * j + 3] = b >> np.uint8(6)
+    else:
+        for j in range(B):
+            b = data[n, j]
+            for i in range(8):
+                codes[8 * j + i] = (b >> np.uint8(i)) & np.uint8(1)
+
+
+# ---- int8 / int4 / int2 --------------------------------------------------------------------------
+
+@njit(**_JIT)
+def _row_scale_absmax(r, qmax):
+    """bf16(max|r| / qmax) as float32, and its bits; a zero row keeps the sign torch gives it."""
+    C = r.shape[0]
+    amax = np.uint32(0)
+    allbits = np.uint32(0xFFFFFFFF)
+    for c in range(C):
+        u = f32_bits(r[c])
+        a = u & np.uint32(0x7FFFFFFF)  # |r| as bits: ordered like the value, NaN above inf
+        if a > amax:
+            amax = a
+        allbits &= u
+    if amax == np.uint32(0):
+        # torch: maximum(max r, -min r) is max r for a zero row: -0 only if every element is -0
+        if allbits & np.uint32(0x80000000):
+            return np.float32(-0.0), np.uint16(0x8000)
+        return F32_ZERO, np.uint16(0)
+    s = bf16_round(f32_from_bits(amax) / np.float32(qmax))
+    return s, bf16_bits(s)
+
+
+@njit(**_JIT)
+def _code_absmax(r, s, qmax, offset, codes):
+    """codes[c] = clamp(rint(r / s), -qmax, qmax) + offset; NaN -> 0 (torch's uint8 cast of NaN)."""
+    C = r.shape[0]
+    fq = np.float32(qmax)
+    lim = np.float32(qmax + 1)
+    off = np.float32(offset)
+    if s == F32_ZERO:  # an all-zero row (or a scale that underflowed): q = 0
+        for c in range(C):
+            codes[c] = np.uint8(offset)
+        return
+    for c in range(C):
+        v = r[c] / s
+        v = lim if v > lim else v  # |v| under 2**22 for the rint trick; NaN passes through
+        v = -lim if v < -lim else v
+        q = (v + RINT_MAGIC) - RINT_MAGIC
+        q = fq if q > fq else q
+        q = -fq if q < -fq else q
+        q = q if q == q else -off  # NaN -> code 0
+        codes[c] = np.uint8(np.int32(q + off))
+
+
+@njit(**_JIT)
+def _code_int2(r, d, codes):
+    """codes[c] = clamp(floor(r / d), -2, 1) + 2; NaN -> 0."""
+    C = r.shape[0]
+    if d == F32_ZERO:
+        for c in range(C):
+            codes[c] = np.uint8(2)
+        return
+    two = np.float32(2.0)
+    for c in range(C):
+        q = np.floor(r[c] / d)
+        q = F32_ONE if q > F32_ONE else q
+        q = -two if q < -two else q
+        q = q if q == q else -two  # NaN -> code 0
+        codes[c] = np.uint8(np.int32(q + two))
+
+
+@njit(**_JIT)
+def _deq_row(codes, s, offset, mean_step, out):
+    """out[c] = deq of codes[c] with scale s (float32): q * s, or (q + 0.5) * d for int2."""
+    C = out.shape[0]
+    off = np.float32(offset)  # code - offset is exact in float32 (|q| <= 255)
+    if mean_step:
+        for c in range(C):
+            out[c] = ((np.float32(codes[c]) - off) + F32_HALF) * s
+    else:
+        for c in range(C):
+            out[c] = (np.float32(codes[c]) - off) * s
+
+
+@njit(**_JIT)
+def row_encode(x, base, data, scale, kind, bits, residual, ef):
+    """Code x (plain) or x - base (residual) with int8/int4 (absmax) or int2 (bits == 2).
+
+    x, base: (N, C) float32 or uint16 bits of `kind`; data (N, B) uint8; scale (N,) uint16 (bf16
+    bits). Residual with ef: base <- base + deq in place; without: base <- x."""
+    N, C = x.shape
+    k = 8 // bits
+    B = data.shape[1]
+    mean_step = bits == 2
+    qmax = (1 << (bits - 1)) - 1
+    offset = 2 if mean_step else qmax + 1
+    xf = np.empty(C, np.float32)
+    bf = np.empty(C, np.float32)
+    r = np.empty(C, np.float32)
+    codes = np.zeros(B * k, np.uint8)
+    cview = codes[:C]
+    for n in range(N):
+        load_row(x, n, kind, xf)
+        if residual:
+            load_row(base, n, kind, bf)
+            for c in range(C):
+                r[c] = xf[c] - bf[c]
+        else:
+            for c in range(C):
+                r[c] = xf[c]
+        if mean_step:
+            d = bf16_round((np.float32(_abs_sum(r)) / np.float32(C)) * F32_1P25)
+            scale[n] = bf16_bits(d)
+            _code_int2(r, d, cview)
+            s = d
+        else:
+            s, sbits = _row_scale_absmax(r, qmax)
+            scale[n] = sbits
+            _code_absmax(r, s, qmax, offset, cview)
+        _pack(codes, bits, data, n)
+        if residual:
+            if ef:
+                _deq_row(cview, s, offset, mean_step, r)
+                for c in range(C):
+                    r[c] = bf[c] + r[c]
+                store_row(base, n, kind, r)
+            else:
+                for c in range(C):
+                    base[n, c] = x[n, c]
+
+
+@njit(**_JIT)
+def row_decode(data, scale, out, kind, bits, residual):
+    """out <- deq (plain, cast to out's dtype) or out <- out + deq (residual), in place."""
+    N, C = out.shape
+    k = 8 // bits
+    B = data.shape[1]
+    mean_step = bits == 2
+    qmax = (1 << (bits - 1)) - 1
+    offset = 2 if mean_step else qmax + 1
+    codes = np.empty(B * k, np.uint8)
+    cview = codes[:C]
+    v = np.empty(C, np.float32)
+    bf = np.empty(C, np.float32)
+    for n in range(N):
+        _unpack(data, n, bits, codes)
+        _deq_row(cview, bf16_to_f32(scale[n]), offset, mean_step, v)
+        if residual:
+            load_row(out, n, kind, bf)
+            for c in range(C):
+                v[c] = bf[c] + v[c]
+        store_row(out, n, kind, v)
+
+
+# ---- 1bit ----------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def _signs(r, codes):
+    for c in range(r.shape[0]):
+        codes[c] = np.uint8(1) if r[c] >= F32_ZERO else np.uint8(0)
+
+
+@njit(**_JIT)
+def _deq_onebit(codes, mf, t, out):
+    """out[c] = ±(m[c] · t): the product rounded first, then the sign (exact)."""
+    for c in range(out.shape[0]):
+        mag = mf[c] * t
+        out[c] = mag if codes[c] != np.uint8(0) else -mag
+
+
+@njit(**_JIT)
+def onebit_encode(x, base, data, m, t, kind, residual, ef):
+    """1bit coding of x (plain) or x - base (residual): m (C,) and t (N,) as bf16 bits."""
+    N, C = x.shape
+    B = data.shape[1]
+    xf = np.empty(C, np.float32)
+    bf = np.empty(C, np.float32)
+    r = np.empty(C, np.float32)
+    colsum = np.zeros(C, np.float64)
+    tt = np.empty(N, np.float32)
+    codes = np.zeros(B * 8, np.uint8)
+    cview = codes[:C]
+    fC = np.float32(C)
+    fN = np.float32(N)
+    # statistics pass: sum_n |r| per channel, sum_c |r| per token
+    ttsum = 0.0
+    for n in range(N):
+        load_row(x, n, kind, xf)
+        if residual:
+            load_row(base, n, kind, bf)
+            for c in range(C):
+                r[c] = xf[c] - bf[c]
+        else:
+            for c in range(C):
+                r[c] = xf[c]
+        for c in range(C):
+            colsum[c] += abs(r[c])
+        tt[n] = np.float32(_abs_sum(r)) / fC
+        ttsum += tt[n]
+    mf = np.empty(C, np.float32)
+    for c in range(C):
+        mc = bf16_round(np.float32(colsum[c]) / fN)
+        mf[c] = mc
+        m[c] = bf16_bits(mc)
+    tbar = np.float32(ttsum) / fN
+    # coding pass
+    for n in range(N):
+        if tbar > F32_ZERO:
+            tn = bf16_round(tt[n] / tbar)
+        else:
+            tn = F32_ZERO
+        t[n] = bf16_bits(tn)
+        load_row(x, n, kind, xf)
+        if residual:
+            load_row(base, n, kind, bf)
+            for c in range(C):
+                r[c] = xf[c] - bf[c]
+        else:
+            for c in range(C):
+                r[c] = xf[c]
+        _signs(r, cview)
+        _pack(codes, 1, data, n)
+        if residual:
+            if ef:
+                _deq_onebit(cview, mf, tn, r)
+                for c in range(C):
+                    r[c] = bf[c] + r[c]
+                store_row(base, n, kind, r)
+            else:
+                for c in range(C):
+                    base[n, c] = x[n, c]
+
+
+@njit(**_JIT)
+def onebit_decode(data, m, t, out, kind, residual):
+    N, C = out.shape
+    B = data.shape[1]
+    codes = np.empty(B * 8, np.uint8)
+    cview = codes[:C]
+    mf = np.empty(C, np.float32)
+    for c in range(C):
+        mf[c] = bf16_to_f32(m[c])
+    v = np.empty(C, np.float32)
+    bf = np.empty(C, np.float32)
+    for n in range(N):
+        _unpack(data, n, 1, codes)
+        _deq_onebit(cview, mf, bf16_to_f32(t[n]), v)
+        if residual:
+            load_row(out, n, kind, bf)
+            for c in range(C):
+                v[c] = bf[c] + v[c]
+        store_row(out, n, kind, v)

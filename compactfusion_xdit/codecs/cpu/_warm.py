@@ -1,0 +1,71 @@
+"""Compile every specialisation of the CPU codec kernels (numba), filling numba's on-disk cache.
+
+`_loader` runs this as a subprocess the first time a process needs the kernels on a machine
+(``python -m compactfusion_xdit.codecs.cpu._warm``), so the compile (tens of seconds, once per
+machine and kernel version) never holds the serving process's GIL; a file lock makes concurrent
+ranks compile once, the others then load the cache. It exits early if its parent has died.
+"""
+import contextlib
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+
+def state_dir() -> str:
+    """A per-user folder for the compile lock and the ready marker."""
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    path = os.path.join(tempfile.gettempdir(), f"compactfusion_xdit-{uid}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def compile_lock():
+    """An exclusive lock across processes (POSIX flock; none elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(state_dir(), "cpu-codecs.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def touch_all(K, stop=lambda: False) -> None:
+    """Call each kernel once per array type the package passes (float32; uint16 for fp16/bf16),
+    which compiles it or loads it from the cache. Shapes are tiny; results are discarded."""
+    for dt, kind in ((np.float32, 0), (np.uint16, 2)):
+        x = np.zeros((2, 9), dt)
+        base = np.zeros((2, 9), dt)
+        for bits in (8, 4, 2):
+            if stop():
+                return
+            data = np.zeros((2, -(-9 // (8 // bits))), np.uint8)
+            s = np.zeros(2, np.uint16)
+            K.row_encode(x, base, data, s, kind, bits, True, True)
+            K.row_decode(data, s, base, kind, bits, True)
+        if stop():
+            return
+        data = np.zeros((2, 2), np.uint8)
+        m, t = np.zeros(9, np.uint16), np.zeros(2, np.uint16)
+        K.onebit_encode(x, base, data, m, t, kind, True, True)
+        K.onebit_decode(data, m, t, base, kind, True)
+
+
+def main() -> int:
+    parent = os.getppid()
+    with compile_lock():
+        from compactfusion_xdit.codecs.cpu import _kernels
+
+        touch_all(_kernels, stop=lambda: os.getppid() != parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
