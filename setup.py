@@ -20,13 +20,13 @@ setup(
         "protobuf",
         "pyyaml",
         "numpy",
-        "numba>=0.60",  # compiled CPU codecs (codecs/cpu); wheels bring llvmlite, no compiler needed
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "scikit-image", "scikit-learn", "matplotlib",
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "numba>=0.60", "scikit-image", "scikit-learn", "matplotlib",
                  "triton>=3.0; platform_machine == 'x86_64'"],
         "triton": ["triton>=3.0"],
+        "cpu-kernels": ["numba>=0.60"],  # compiled CPU codecs (codecs/cpu, CFX_CPU_KERNELS=1); wheels, no compiler
         "video": ["av"],
         "flash": ["flash-attn"],
         "bench": ["matplotlib", "scikit-image", "scikit-learn"],

@@ -10,6 +10,7 @@
 | ``CFX_COMM_TIMEOUT_S`` | `reliability.liveness` | seconds a collective may wait before the rank gives up (default 600) |
 | ``CFX_DEBUG`` | `rank.worker`, `rank.runner` | ``1``: show tracebacks instead of one-line errors |
 | ``CFX_FAULT`` | `reliability.faults` | inject a failure at a scheduler step (tests), e.g. ``exit:1:3`` |
+| ``CFX_CPU_KERNELS`` | `codecs` | ``1``: code on CPU with the compiled numba kernels (`codecs.cpu`; needs the ``cpu-kernels`` extra) |
 | ``CFX_FORCE_TORCH`` | `codecs` | ``1``: use the torch reference codecs even where fused kernels exist |
 | ``CFX_LAUNCHER_PID`` | `reliability.orphans` | set by the launchers for torchrun and its ranks; a rank started after the launcher died exits at once |
 """
@@ -24,9 +25,10 @@ COMM_TIMEOUT_S = "CFX_COMM_TIMEOUT_S"
 DEBUG = "CFX_DEBUG"
 FAULT = "CFX_FAULT"
 FORCE_TORCH = "CFX_FORCE_TORCH"
+CPU_KERNELS = "CFX_CPU_KERNELS"
 LAUNCHER_PID = "CFX_LAUNCHER_PID"
 
-ALL = (COMPRESSION, CACHE, COMM_TIMEOUT_S, DEBUG, FAULT, FORCE_TORCH, LAUNCHER_PID)
+ALL = (COMPRESSION, CACHE, COMM_TIMEOUT_S, DEBUG, FAULT, FORCE_TORCH, CPU_KERNELS, LAUNCHER_PID)
 
 
 def get(name: str) -> str:

@@ -152,13 +152,15 @@ def _fused_backend(name: str, x: torch.Tensor):
     """The fused module that takes this call, or None: the torch reference runs.
 
     CUDA tensors (and CPU ones under Triton's interpreter, TRITON_INTERPRET=1): `codecs.fused`
-    (Triton) when triton imports. Other CPU tensors: `codecs.cpu` (numba-compiled) once its
-    kernels are compiled (the first call starts that in the background). None when
+    (Triton) when triton imports. Other CPU tensors, with CFX_CPU_KERNELS=1: `codecs.cpu`
+    (numba-compiled) once its kernels are compiled (the first call starts that in the background). None when
     CFX_FORCE_TORCH=1, for codecs without fused kernels, or where the backend is unavailable.
     """
     if _force_torch():
         return None
     if x.is_cpu and not _interpreting():
+        if not envs.flag(envs.CPU_KERNELS):  # opt-in until the switch-over cannot change a payload mid-run
+            return None
         cpu = _cpu_backend()
         return cpu if cpu is not None and cpu.takes(name, x) else None
     try:

@@ -49,6 +49,7 @@ def compiled():
 
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch):
+    monkeypatch.setenv("CFX_CPU_KERNELS", "1")  # the compiled CPU path is opt-in
     monkeypatch.delenv("CFX_FORCE_TORCH", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
@@ -299,3 +300,12 @@ def test_the_first_call_does_not_wait_for_the_compile(monkeypatch):
     release.set()
     assert cpu.ensure_compiled(timeout=10)
     assert codec_base._fused_backend("int4", x) is cpu
+
+
+def test_the_compiled_cpu_path_is_opt_in(compiled, monkeypatch):
+    from compactfusion_xdit.codecs import base
+
+    x = torch.randn(8, 16)
+    assert base._fused_backend("int4", x) is not None
+    monkeypatch.delenv("CFX_CPU_KERNELS")
+    assert base._fused_backend("int4", x) is None
