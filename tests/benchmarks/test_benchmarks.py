@@ -228,8 +228,9 @@ def test_network_quick_mode_measures_latency_bytes_and_psnr(tmp_path):
         assert r["method"] == "ulysses" and r["rate"] == "1gbit" and r["latency_s"] > 0
         assert r["latency_s"] == statistics.median(r["latencies_s"]) and len(r["latencies_s"]) == 1  # not the warm-up
     coded, none = rows["residual-int4"], rows["none"]
-    assert none["identical"] and none["psnr_db"] is None  # bitwise the single-process image
-    assert coded["psnr_db"] is not None and coded["psnr_db"] > 40  # coded, yet close (tiny-flux, 4 steps)
+    # measured: none 89.0 dB (Ulysses sums in another order than one process), residual-int4 71.9 dB
+    assert none["identical"] or none["psnr_db"] > 80
+    assert coded["psnr_db"] is not None and coded["psnr_db"] > 60
     assert 0 < 2 * coded["sent_bytes"] < coded["raw_bytes"]  # int4 payloads, one raw warm-up step of four
     assert none["speedup_vs_none"] == 1.0
     assert coded["speedup_vs_none"] == pytest.approx(none["latency_s"] / coded["latency_s"])
