@@ -8,6 +8,7 @@ import torch
 
 from compactfusion_xdit import envs
 from compactfusion_xdit.codecs.payload import Payload
+from compactfusion_xdit.codecs.payload import check_base as _check_base
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -216,14 +217,6 @@ def _check_tensor(x: torch.Tensor, name: str) -> None:
     _check_shape(x.shape)
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name}: expected float16, bfloat16 or float32, got {x.dtype}")
-
-
-def _check_base(x: torch.Tensor, base: torch.Tensor) -> None:
-    if base.shape != x.shape or base.dtype != x.dtype or base.device != x.device:
-        raise ValueError(
-            f"base cache {tuple(base.shape)} {base.dtype} on {base.device} does not match x "
-            f"{tuple(x.shape)} {x.dtype} on {x.device}; reset the channel's cache"
-        )
 
 
 def bf16_round(v: torch.Tensor) -> torch.Tensor:

@@ -236,7 +236,7 @@ def test_non_contiguous_caches_and_bad_payloads(compiled):
         cpu.decode_tensors("int4", (p.tensors[0], p.tensors[1][:-1]), (6, 10), torch.float32)
     with pytest.raises(ValueError, match="lowrank-4"):
         cpu.encode_tensors("lowrank-4", x)
-    with pytest.raises(ValueError, match="base cache must match x"):
+    with pytest.raises(ValueError, match="base cache .* does not match x"):
         cpu.encode_tensors("int4", x, torch.zeros(6, 11))
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from compactfusion_xdit import envs
-from compactfusion_xdit.codecs.payload import Payload
+from compactfusion_xdit.codecs.payload import Payload, check_base
 
 from . import _loader
 
@@ -85,7 +85,7 @@ def encode_tensors(codec_name, x, base=None, error_feedback=True):
         raise ValueError(f"cpu {codec_name}: expected a 2-D float16/bfloat16/float32 tensor, got "
                          f"{x.dtype} of shape {tuple(x.shape)}; reshape to (tokens, channels)")
     if base is not None:
-        _check_base(x, base)
+        check_base(x, base)
     return _encode(codec_name, x, base, error_feedback)
 
 
@@ -165,12 +165,6 @@ def _check_payload(name, tensors, shape):
     if got != expected or any(t.device.type != "cpu" for t in tensors):
         raise ValueError(f"cpu {name}: payload tensors {got} do not match the layout {expected} of shape {shape}")
 
-
-def _check_base(x, base):
-    if base.shape != x.shape or base.dtype != x.dtype or base.device != x.device:
-        raise ValueError(
-            f"base cache must match x: got base {tuple(base.shape)} {base.dtype} on {base.device}, "
-            f"x {tuple(x.shape)} {x.dtype} on {x.device}; reset the channel's cache")
 
 
 # ---- Payload-level API (what the codec base class calls) --------------------------------------

@@ -49,7 +49,7 @@ def status() -> str:
 
 
 def _start() -> None:
-    global _thread, _error
+    global _thread
     with _lock:
         if _thread is not None or _error is not None:
             return

@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from compactfusion_xdit import envs
+from compactfusion_xdit.codecs.payload import check_base
 
 FUSED_CODECS = ("int8", "int4", "int2", "1bit")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,7 +76,7 @@ def encode_tensors(codec_name, x, base=None, error_feedback=True):
     x = x.contiguous()
     if base is None:
         return _encode_impl(codec_name, x, None, error_feedback)
-    _check_base(x, base)
+    check_base(x, base)
     work = base if base.is_contiguous() else base.contiguous()
     tensors = _encode_impl(codec_name, x, work, error_feedback)
     if work is not base:
@@ -121,12 +122,6 @@ def _check_name(name):
         raise ValueError(f"fused kernels handle {', '.join(FUSED_CODECS)}, not {name!r}; "
                          "use the codec's torch path")
 
-
-def _check_base(x, base):
-    if base.shape != x.shape or base.dtype != x.dtype or base.device != x.device:
-        raise ValueError(
-            f"base cache must match x: got base {tuple(base.shape)} {base.dtype} on {base.device}, "
-            f"x {tuple(x.shape)} {x.dtype} on {x.device}; reset the channel's cache")
 
 
 # ---- Payload-level API (what the codec base class calls) --------------------------------------
