@@ -89,6 +89,7 @@ def test_projection_measuring_branch_runs_on_cpu_with_a_tiny_block(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # bench_fidelity runs in CI through its --path table (tests/benchmarks/test_scripts.py)
 def test_fidelity_quick_mode_scores_every_codec_against_the_single_process_output(tmp_path):
     proc = _run_script("bench_fidelity.py", "--quick", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -228,6 +228,7 @@ def test_the_error_filter_keeps_output_and_drops_repeats():
     assert torchrun._split_error(b"log line: error: x") == (b"", b"log line: error: x")
 
 
+@pytest.mark.slow  # a real worker launch; the fake-rank tests above cover the mechanism in CI
 def test_a_usage_error_only_a_rank_can_see_reaches_the_user_as_one_line(empty_cache, tmp_path):
     """End to end with the real worker: ``CFX_COMM_TIMEOUT_S`` is read by the ranks only."""
     proc = subprocess.run([*LAUNCHER, "--model", "tiny-flux", "--ulysses_degree", "2", "--height", "32", "--width", "32",

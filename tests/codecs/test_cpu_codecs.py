@@ -36,6 +36,9 @@ def _reference():
 
 
 ref = _reference()
+#: Tests that need the compiled kernels: the path is opt-in, and a cold numba cache compiles for
+#: about a minute, so CI leaves them to ``-m slow``.
+SLOW = pytest.mark.slow
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed (pip install numba)")
 
 
@@ -91,6 +94,7 @@ def _assert_payload(name, got, exp, C, tag):
         assert torch.equal(got[0], exp[0]), f"{tag}: sign bits differ"
 
 
+@SLOW
 @needs_numba
 @pytest.mark.parametrize("name", CODECS)
 def test_kernels_match_the_reference(compiled, name):
@@ -122,6 +126,7 @@ def test_kernels_match_the_reference(compiled, name):
                     assert torch.equal(b_dec, b_dec_ref), f"{tag}: residual decode of {which} payload"
 
 
+@SLOW
 @needs_numba
 @pytest.mark.parametrize("name", CODECS)
 def test_codecs_dispatch_to_the_cpu_path_and_agree_with_the_torch_path(compiled, name, monkeypatch):
@@ -147,6 +152,7 @@ def test_codecs_dispatch_to_the_cpu_path_and_agree_with_the_torch_path(compiled,
     assert torch.equal(codec.decode(rebuilt), y_cpu)
 
 
+@SLOW
 @needs_numba
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", CODECS)
@@ -170,6 +176,7 @@ def test_cpu_and_torch_ends_stay_in_sync(compiled, name, dtype, monkeypatch):
         assert torch.equal(ends["torch_tx"], ends["cpu_rx"])
 
 
+@SLOW
 @needs_numba
 @pytest.mark.parametrize("name", CODECS)
 def test_nan_and_inf_are_handled_as_the_torch_path_does(compiled, name, monkeypatch):
@@ -198,6 +205,7 @@ def test_nan_and_inf_are_handled_as_the_torch_path_does(compiled, name, monkeypa
         assert torch.equal(b_cpu[fin], b_torch[fin]), f"{name} {dtype}: caches"
 
 
+@SLOW
 @needs_numba
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16_bit_conversions_match_torch_bit_for_bit(compiled, dtype):
@@ -220,6 +228,7 @@ def test_16_bit_conversions_match_torch_bit_for_bit(compiled, dtype):
         assert torch.equal(plain.view(torch.int16), ref.to_dtype(ref.deq(name, payload, 257), dtype).view(torch.int16))
 
 
+@SLOW
 @needs_numba
 def test_non_contiguous_caches_and_bad_payloads(compiled):
     codec = codecs.get("int4")
@@ -302,10 +311,12 @@ def test_the_first_call_does_not_wait_for_the_compile(monkeypatch):
     assert codec_base._fused_backend("int4", x) is cpu
 
 
-def test_the_compiled_cpu_path_is_opt_in(compiled, monkeypatch):
+def test_the_compiled_cpu_path_is_opt_in(monkeypatch):
     from compactfusion_xdit.codecs import base
 
-    x = torch.randn(8, 16)
-    assert base._fused_backend("int4", x) is not None
+    def no_backend():
+        raise AssertionError("the compiled CPU path was consulted without CFX_CPU_KERNELS=1")
+
     monkeypatch.delenv("CFX_CPU_KERNELS")
-    assert base._fused_backend("int4", x) is None
+    monkeypatch.setattr(base, "_cpu_backend", no_backend)
+    assert base._fused_backend("int4", torch.randn(8, 16)) is None
