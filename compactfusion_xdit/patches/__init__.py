@@ -18,8 +18,8 @@ Counting without compressing: ``install(config, count=True)`` with a config that
 (``none``) still builds a session and routes the exchanges of ``COUNTING_PATCHES`` through it, every
 message raw, so ``session().stats()`` reports what they send (raw_bytes == sent_bytes). Those are
 the paths whose raw route the suite proves bitwise equal to stock xfuser (Ulysses, PipeFusion,
-yunchang's legacy exchanges); the ring is left stock (its replacement merges blocks like torch's
-and matches to 1e-5, not bit for bit by proof), so its bytes are not counted under ``none``.
+yunchang's legacy exchanges). The ring keeps torch's own ring attention (the compressed one merges
+blocks like torch's and matches to 1e-5, not bit for bit by proof); a thin wrapper counts its bytes.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from compactfusion_xdit.patches._attrs import AttributePatcher
 #: One module per xfuser path, applied in this order (missing modules are skipped).
 COMPRESSION_PATCHES = ("lifecycle", "ulysses", "ring_attn", "pipefusion", "legacy")
 #: The patches a counting-only installation applies (``install(none, count=True)``).
-COUNTING_PATCHES = ("lifecycle", "ulysses", "pipefusion", "legacy")
+COUNTING_PATCHES = ("lifecycle", "ulysses", "ring_attn", "pipefusion", "legacy")
 
 
 class _Installation:

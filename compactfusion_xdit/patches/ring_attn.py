@@ -21,8 +21,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from compactfusion_xdit.core.residual import MessageKind
 from compactfusion_xdit.patches._attrs import AttributePatcher
 
 PATH = "ring"
@@ -134,11 +136,32 @@ class CompressedRingAttention:
         return merger.result()[0]
 
 
+class CountedRingAttention:
+    """Stock ``usp.ring_attn``, unchanged, plus the bytes it moves under "ring": a session that
+    codes nothing (``--compression none``) still reports what the ring costs. Every rank sends its
+    K and V to the next rank once per hop, ring size - 1 hops: the messages the compressed ring
+    counts as raw."""
+
+    def __init__(self, session: Any, ring_group: Callable[[], Any], stock_ring_attn: Callable) -> None:
+        self.session = session
+        self.ring_group = ring_group
+        self.stock_ring_attn = stock_ring_attn
+
+    def __call__(self, attention_function, query, key, value, *args, **kwargs):
+        hops = dist.get_world_size(self.ring_group()) - 1
+        for t in (key, value):
+            nbytes = hops * t.numel() * t.element_size()
+            self.session.state.record(PATH, MessageKind.RAW, nbytes, nbytes, hops)
+        return self.stock_ring_attn(attention_function, query, key, value, *args, **kwargs)
+
+
 def apply(patcher: AttributePatcher, session: Any) -> None:
     """Replace ``usp.ring_attn`` with `CompressedRingAttention` over ``PROCESS_GROUP.RING_PG``.
 
     Also when the config leaves the ring path uncompressed: the tensors then travel raw through
-    the same code (bitwise the stock inputs), and the traffic is still counted under "ring"."""
+    the same code (bitwise the stock inputs), and the traffic is still counted under "ring". A
+    session that only counts (``--compression none``) gets `CountedRingAttention`: stock's ring,
+    bit for bit, with its bytes counted."""
     from xfuser.core.distributed import get_runtime_state
     from xfuser.model_executor.layers import usp
 
@@ -149,4 +172,8 @@ def apply(patcher: AttributePatcher, session: Any) -> None:
         state = get_runtime_state()
         return int(state.pipeline_patch_idx) if getattr(state, "patch_mode", False) else -1
 
+    if not session.config.enabled:
+        if session.routes(PATH):
+            patcher.replace(usp, "ring_attn", CountedRingAttention(session, ring_group, usp.ring_attn))
+        return
     patcher.replace(usp, "ring_attn", CompressedRingAttention(session, ring_group, usp.ring_attn, patch_index))

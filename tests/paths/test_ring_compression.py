@@ -327,7 +327,7 @@ def check_layout(runs: dict, world: int, ulysses: int, suffix: str = "", height:
                  model: str = "tiny-flux") -> float:
     """Raw payloads reproduce stock; ring bytes are the arithmetic; caches consistent. Returns the
     residual-int4 PSNR against stock."""
-    stock, _ = runs["stock" + suffix]
+    stock, stock_stats = runs["stock" + suffix]
     raw, raw_stats = runs["raw" + suffix]
     resid, resid_stats = runs["residual-int4" + suffix]
     assert stock.shape == raw.shape == resid.shape
@@ -335,6 +335,8 @@ def check_layout(runs: dict, world: int, ulysses: int, suffix: str = "", height:
     expected_raw = ring_bytes(model, world, ulysses, height, width, None)
     ring = raw_stats["paths"]["ring"]
     assert (ring["raw_bytes"], ring["sent_bytes"], ring["messages"]) == expected_raw  # our ring ran, raw
+    ring = stock_stats["paths"]["ring"]  # --compression none: torch's ring, its bytes counted alike
+    assert (ring["raw_bytes"], ring["sent_bytes"], ring["messages"]) == expected_raw
     ring = resid_stats["paths"]["ring"]
     assert (ring["raw_bytes"], ring["sent_bytes"], ring["messages"]) == ring_bytes(model, world, ulysses, height, width, int4_wire_nbytes)
     assert set(resid_stats["paths"]) == {"ring"}
