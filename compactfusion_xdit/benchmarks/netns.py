@@ -151,6 +151,7 @@ class Star:
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
 
     def create(self) -> None:
+        cleanup_leftovers(self.tag)  # a killed earlier run with this tag would block every name below
         self._add_ns(self.hub)
         _run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
         _run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
