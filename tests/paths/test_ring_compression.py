@@ -1,4 +1,4 @@
-"""Compressed ring attention (``patches/ring.py``): the replaced ``usp.ring_attn``.
+"""Compressed ring attention (``patches/ring_attn.py``): the replaced ``usp.ring_attn``.
 
 Function level (3 gloo ranks, random q/k/v, no xfuser import): with raw payloads the replacement
 gives torch's ``_templated_ring_attention`` bit for bit and calls the attention function the same
