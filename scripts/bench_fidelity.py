@@ -67,7 +67,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="default: digits-flux if this checkout has it, else tiny-flux")
     p.add_argument("--height", type=int, default=None, help="default 16 for digits-flux, 64 otherwise")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; 4 with --quick)")
     p.add_argument("--prompts", default=None, help="'|'-separated prompts (default: digits 0-9 for digits-flux, "
                    "'a cat|a dog|the cat' otherwise)")
     p.add_argument("--seeds", default="0,1")
@@ -92,7 +92,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     if opts.quick:
         opts.ranks, opts.codecs, opts.ablation_methods = 2, "none,residual-int4,int4", ""
         opts.methods = "ulysses"
-        opts.model, opts.height, opts.width, opts.steps, opts.prompts, opts.seeds = "tiny-flux", 32, 32, 4, "a cat", "0"
+        opts.model, opts.height, opts.width, opts.prompts, opts.seeds = "tiny-flux", 32, 32, "a cat", "0"
+    opts.steps = opts.steps or (4 if opts.quick else 20)  # a --steps given with --quick is kept
     against = [a.strip() for a in opts.against.split(",") if a.strip()]
     if not against or set(against) - {"single", "uncompressed"}:
         p.error(f"--against {opts.against!r}: a comma list of single, uncompressed")
