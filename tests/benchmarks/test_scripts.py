@@ -19,13 +19,14 @@ SCRIPTS = os.path.join(ROOT, "scripts")
 RESIDUAL_CODECS = ("int8", "int4", "int2", "1bit", "lowrank-8")
 
 
-def run_script(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`scripts/<name> args` in a fresh interpreter, one thread; the failure message carries its output."""
+def run_script(name: str, *args: str, timeout: float = 60, expect: int = 0) -> subprocess.CompletedProcess:
+    """`scripts/<name> args` in a fresh interpreter, one thread, exiting `expect`; the failure message
+    carries its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("PYTHONPATH", None)  # the installed package, not the checkout's folder on sys.path
     proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, name), *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
-    assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == expect, f"{name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
@@ -36,6 +37,10 @@ def _script_names() -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # How scripts import
 # ------------------------------------------------------------------------------------------------
+
+
+#: Scripts whose job includes running test files (as a pytest subprocess) on a machine CI lacks.
+RUNS_THE_TESTS = {"gpu_check.py"}
 
 
 @pytest.mark.parametrize("name", _script_names())
@@ -51,6 +56,8 @@ def test_script_imports_the_package_only(name):
         elif isinstance(node, ast.ImportFrom):
             modules = [node.module or ""]
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if name in RUNS_THE_TESTS:  # it runs test files with pytest; it still imports nothing from them
+                continue
             assert not node.value.startswith(("tests/", "tests" + os.sep)), f"{name}:{node.lineno} names {node.value!r}"
             continue
         else:
@@ -256,3 +263,23 @@ def test_bench_fidelity_scores_lpips_with_a_local_torchscript_module(tmp_path):
     assert summary["lpips"] == pytest.approx(0.2, abs=1e-6)
     with pytest.raises(ValueError, match="does not exist"):
         script.Lpips(str(tmp_path / "missing.pt"))
+
+
+def test_gpu_check_measures_nothing_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run scripts/gpu_check.py for real")
+    proc = run_script("gpu_check.py", "--out", "unused", expect=2)
+    assert json.loads(proc.stdout) == {"error": "no CUDA device: gpu_check measures on a GPU only (nothing was run)"}
+
+
+def test_the_gpu_sync_check_exchange_runs_and_codes_on_cpu():
+    """The exchange gpu_check runs under the sync debug mode, here on CPU (where nothing can be a
+    device sync): warm-up raw, then coded steps, and no error recorded."""
+    from compactfusion_xdit.testing import run_ranks
+
+    steps = run_ranks("compactfusion_xdit.benchmarks.gpu_checks:sync_free_exchange", 2,
+                      {"device": "cpu", "steps": 3, "tokens": 8, "channels": 16}, timeout=90)[0]
+    assert [s["kind"] for s in steps] == ["SEED", "CODED", "CODED"]
+    assert all(s["stock_sync"] is None and s["compressed_sync"] is None for s in steps)
