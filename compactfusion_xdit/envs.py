@@ -8,7 +8,7 @@
 | ``CFX_COMPRESSION`` | `launch`, Ray workers (`ray_support`), `api.install_from_env` | compression of processes a launcher starts (default none) |
 | ``CFX_CACHE`` | `models.tiny`, `models.tiny_more` | where built-in models are built (default ``~/.cache/compactfusion_xdit``) |
 | ``CFX_COMM_TIMEOUT_S`` | `reliability.liveness` | seconds a collective may wait before the rank gives up (default 600) |
-| ``CFX_DEBUG`` | `rank.worker`, `rank.runner` | ``1``: show tracebacks instead of one-line errors |
+| ``CFX_DEBUG`` | `rank.serving` (both rank programs), `cli.torchrun` | ``1``: show tracebacks and torchrun's own report instead of one-line errors |
 | ``CFX_FAULT`` | `reliability.faults` | inject a failure at a scheduler step (tests), e.g. ``exit:1:3`` |
 | ``CFX_CPU_KERNELS`` | `codecs` | ``1``: code on CPU with the compiled numba kernels (`codecs.cpu`; needs the ``cpu-kernels`` extra) |
 | ``CFX_FORCE_TORCH`` | `codecs` | ``1``: use the torch reference codecs even where fused kernels exist |
