@@ -60,6 +60,14 @@ def compression_config(args: argparse.Namespace):
     return config
 
 
+def check_heads(backbone: dict, ulysses: int) -> None:
+    """Ulysses splits attention heads: their count (from the backbone's config) must divide."""
+    heads = backbone.get("num_attention_heads")
+    if heads is not None and heads % ulysses:
+        raise UsageError(f"the model has {heads} attention heads, not divisible by --ulysses_degree {ulysses}; "
+                         f"use a Ulysses degree that divides {heads} (move the rest to --ring_degree)")
+
+
 def check_settings(args: argparse.Namespace, model_path: str | None, class_name: str | None,
                    world_size: int) -> None:
     """Reject combinations xfuser would fail on later (or silently mis-handle), one line each.
@@ -74,12 +82,8 @@ def check_settings(args: argparse.Namespace, model_path: str | None, class_name:
             f"{par['step']}) but {world_size} ranks were launched; "
             f"launch {product} ranks or change the degrees"
         )
-    heads = registry.backbone_config(model_path).get("num_attention_heads") if model_path else None
-    if heads is not None and heads % par["ulysses"] != 0:
-        raise UsageError(
-            f"the model has {heads} attention heads, not divisible by --ulysses_degree {par['ulysses']}; "
-            f"use a Ulysses degree that divides {heads} (move the rest to --ring_degree)"
-        )
+    if model_path:
+        check_heads(registry.backbone_config(model_path), par["ulysses"])
     if par["cfg"] > 1 and class_name == "FluxPipeline":
         raise UsageError("Flux has no classifier-free guidance branch to split; drop --use_cfg_parallel")
     if par["pipefusion"] > 1 and par["num_pipeline_patch"] < par["pipefusion"]:

@@ -138,10 +138,7 @@ def plan_launch(ns: argparse.Namespace, check_model: bool = True,
                               f"--nproc_per_node {nproc} x --nnodes {ns.nnodes} gives {nproc * ns.nnodes} ranks; "
                               f"drop --nproc_per_node or change the degrees so they multiply to {nproc * ns.nnodes}")
     class_name, backbone = model_config(ns.model) if check_model else (None, {})
-    heads = backbone.get("num_attention_heads")
-    if heads is not None and heads % ns.ulysses_degree:
-        raise UsageError(f"the model has {heads} attention heads, not divisible by --ulysses_degree "
-                          f"{ns.ulysses_degree}; use a Ulysses degree that divides {heads} (move the rest to --ring_degree)")
+    checks.check_heads(backbone, ns.ulysses_degree)
     if settings is not None:
         # no model path: the head count was checked above from the cheap config
         checks.check_settings(settings, None, class_name, world)

@@ -336,6 +336,7 @@ def _run(argv: list[str]) -> int:
         requests = request_list.listed_requests(argv, args.prompt_file)
     except request_list.RequestError as err:
         raise UsageError(str(err)) from None
+
     def finish(results: list[RunResult]) -> None:
         written = []
         if results[0].is_output_rank:
