@@ -40,15 +40,14 @@ class CodedKV:
         from compactfusion_xdit.core.residual import MessageKind
 
         key = ("ulysses", self.layer, role)
-        kind = self.state.message_kind(key, tuple(x.shape), x.dtype)
+        kind = self.state.message_kind(key, tuple(x.shape), x.dtype, key, "send")
         if kind is MessageKind.RAW:
             return x
         if kind is MessageKind.SEED:
             self.state.seed_sender(key, x)
             self.state.seed_receiver(key, x)
             return x
-        out = self.state.encode(key, x)
-        return self.state.decode(key, out.wire, tuple(x.shape), x.dtype, fallback=out.fallback)
+        return self.state.decode(key, self.state.encode(key, x), tuple(x.shape), x.dtype)
 
     def coded_dispatch(self, query, key, value, *args, **kwargs):
         return self.dispatch(query, self.channel("k", key), self.channel("v", value), *args, **kwargs)

@@ -48,6 +48,11 @@ class Codec:
     #: coding a stack of same-shaped tensors in one call then gives each tensor's own bytes and
     #: caches, so a channel may batch several messages into one codec call.
     rows_independent = False
+    #: Index in `layout` of a tensor with one entry (or row) per coded row whose NaN marks a row that
+    #: was not finite at the sender (`encode_block`); None: the codec cannot mark rows. A row of zeros
+    #: must code to a marker of 0 and decode to exact zeros, so that a receiver that zeroes the marker
+    #: reproduces the sender's cache update.
+    row_marker: int | None = None
 
     # --- format -------------------------------------------------------------------------------
     def layout(self, shape: tuple, dtype: torch.dtype) -> list[tuple[tuple, torch.dtype]]:
@@ -142,11 +147,93 @@ class Codec:
         total = self.decode_float(p) + base  # promoted to float32: the bits of base.float() + deq
         base.copy_(saturate_(total, base.dtype))
 
+    # --- messages in wire buffers -------------------------------------------------------------
+    def encode_block(self, x3: torch.Tensor, base3: torch.Tensor | None, wire2: torch.Tensor, offset: int,
+                     residual: bool, error_feedback: bool = True):
+        """Code x3[l] (L, N, C) into wire2[l, offset:offset + payload_nbytes((N, C))] for every l.
+
+        residual: codes x3[l] - base3[l] and updates the cache base3[l] like `encode_residual`;
+        plain: codes x3[l] (base3 unused). A row holding NaN/Inf is coded as a zero residual (plain:
+        zeros), so its cache row keeps its value, and its marker (`row_marker`) is set to NaN.
+        Returns the number of such rows (an int, or a 0-d tensor on x3's device: no host sync).
+        The compiled CPU kernels take the call when they can (same bytes and caches).
+        """
+        backend = _block_backend(self.name, x3)
+        if backend is not None:
+            return backend.encode_block(self.name, x3, base3, wire2, offset, -1, residual, error_feedback)
+        L, N, C = x3.shape
+        x2 = x3.reshape(L * N, C)
+        bad = ~torch.isfinite(x2).all(dim=1)
+        base2 = base3.view(L * N, C) if residual else None
+        for l0, l1 in self._message_groups(L):
+            rows = slice(l0 * N, l1 * N)
+            xg, badg = x2[rows], bad[rows, None]
+            if residual:
+                bg = base2[rows]
+                p = self.encode_residual(torch.where(badg, bg, xg), bg, error_feedback)
+            else:
+                p = self.encode(xg.masked_fill(badg, 0))
+            if self.row_marker is not None:
+                marker = p.tensors[self.row_marker]
+                marker.masked_fill_(bad[rows].view(-1, *([1] * (marker.dim() - 1))), float("nan"))
+            pos = offset
+            for t in p.tensors:
+                part = t.reshape(l1 - l0, -1).view(torch.uint8)
+                wire2[l0:l1, pos:pos + part.shape[1]].copy_(part)
+                pos += part.shape[1]
+        return bad.sum()
+
+    def decode_block(self, wire2: torch.Tensor, offset: int, base3: torch.Tensor | None, out3: torch.Tensor,
+                     residual: bool) -> None:
+        """The receiving side of `encode_block`: out3[l] <- what wire2[l, offset:...] codes.
+
+        residual: base3[l] <- base3[l] + deq (in place, bitwise like the sender) and out3[l] <- it;
+        plain: out3[l] <- deq. Rows marked non-finite keep their cache value and come out as NaN.
+        """
+        backend = _block_backend(self.name, out3)
+        if backend is not None:
+            backend.decode_block(self.name, wire2, offset, base3, out3, -1, residual)
+            return
+        L, N, C = out3.shape
+        dtype = out3.dtype
+        base2 = base3.view(L * N, C) if residual else None
+        out2 = out3.view(L * N, C)
+        for l0, l1 in self._message_groups(L):
+            count, rows, pos, tensors = l1 - l0, slice(l0 * N, l1 * N), offset, []
+            for s, d in self.layout((N, C), dtype):
+                size = math.prod(s) * d.itemsize
+                block = wire2[l0:l1, pos:pos + size].clone(memory_format=torch.contiguous_format)  # aligned, ours to unmark
+                tensors.append(block.view(d).reshape(count * s[0], *s[1:]))
+                pos += size
+            p = Payload(tensors=tuple(tensors), shape=(count * N, C), dtype=dtype, codec=self.name)
+            bad = None
+            if self.row_marker is not None:
+                marker = tensors[self.row_marker]
+                bad = marker.isnan() if marker.dim() == 1 else marker.isnan().any(dim=1)
+                marker.masked_fill_(bad.view(-1, *([1] * (marker.dim() - 1))), 0.0)
+            if residual:
+                self.decode_residual(p, base2[rows])
+                out2[rows].copy_(base2[rows])
+            else:
+                out2[rows].copy_(self.decode(p))
+            if bad is not None:
+                out2[rows].masked_fill_(bad[:, None], float("nan"))
+
+    def _message_groups(self, count: int) -> list[tuple[int, int]]:
+        """Ranges of messages coded by one codec call: all at once when rows code independently."""
+        return [(0, count)] if self.rows_independent else [(i, i + 1) for i in range(count)]
+
     def _payload(self, tensors: tuple, x: torch.Tensor) -> Payload:
         return Payload(tensors=tuple(t.contiguous() for t in tensors), shape=tuple(x.shape), dtype=x.dtype, codec=self.name)
 
     def __repr__(self) -> str:
         return f"<codec {self.name}>"
+
+
+def _block_backend(name: str, x3: torch.Tensor):
+    """The compiled CPU module when it takes block calls for this codec and tensor, else None."""
+    backend = _fused_backend(name, x3[0]) if x3.dim() == 3 and x3.is_cpu and x3.shape[0] else None
+    return backend if backend is not None and hasattr(backend, "encode_block") else None
 
 
 def _fused_backend(name: str, x: torch.Tensor):

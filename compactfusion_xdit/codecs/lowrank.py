@@ -24,6 +24,7 @@ class LowRankCodec(Codec):
         self.rank = rank
         self.name = f"lowrank-{rank}"
 
+    row_marker = 0  # U's rows
     def _r(self, shape):
         return min(self.rank, shape[0], shape[1])
 
@@ -45,6 +46,7 @@ class LowRankCodec(Codec):
         root = torch.linalg.vector_norm(w, dim=0).sqrt_()
         root = torch.where(root > 0, root, torch.ones_like(root))  # a zero column: leave Q as is
         u = q.mul_(root)
+        u.masked_fill_((v == 0).all(dim=1, keepdim=True), 0.0)  # a zero row codes to exact zeros (QR leaves ~1e-17)
         w.div_(root)
         return saturate_(u, dtype).to(dtype), saturate_(w, dtype).to(dtype)
 

@@ -10,6 +10,7 @@ class OneBitCodec(Codec):
     """sign(x) · m[c] · t[n]: m = per-channel mean |x|, t = per-token mean |x| normalised to mean 1."""
 
     name = "1bit"
+    row_marker = 2  # t, the per-token magnitude
 
     def layout(self, shape, dtype):
         n, c = shape

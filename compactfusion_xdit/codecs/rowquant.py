@@ -10,6 +10,7 @@ class AbsmaxCodec(Codec):
     """Symmetric absmax quantisation per row: q = rint(x / s), s = bf16(max|x| / qmax)."""
 
     rows_independent = True
+    row_marker = 1  # the scale
 
     def __init__(self, bits: int):
         self.bits = bits
@@ -47,6 +48,7 @@ class Int2Codec(Codec):
     name = "int2"
     bits = 2
     rows_independent = True
+    row_marker = 1  # the step
 
     def layout(self, shape, dtype):
         n, c = shape

@@ -6,8 +6,8 @@
 """
 
 from compactfusion_xdit.comm.communicator import CompressedCommunicator
-from compactfusion_xdit.comm.wire import FALLBACK_TAG_OFFSET, link_key
+from compactfusion_xdit.comm.wire import link_key
 from compactfusion_xdit.comm.pending import Pending
 from compactfusion_xdit.comm.ring_exchange import RingExchange
 
-__all__ = ["CompressedCommunicator", "Pending", "RingExchange", "FALLBACK_TAG_OFFSET", "link_key"]
+__all__ = ["CompressedCommunicator", "Pending", "RingExchange", "link_key"]

@@ -8,15 +8,16 @@ of its ends, so caches are per peer and the same key means the same link on ever
     all_gather:                (*key, origin, "all")
     ring_exchange:             (*key, tensor_index, origin, "ring")
 
-Message sizes are fixed for a given (step, shape, dtype), so collectives keep equal splits
-(see `compactfusion_xdit.core.residual` for the RAW/SEED/CODED rules). A CODED message whose flag
-says the raw tensor follows (new key, reset, shape change, NaN/Inf at the sender) is completed by
-a side message between exactly the pair involved (all-gather: a broadcast from the flagged rank,
-since every rank is its receiver). Side messages use tag ``tag + FALLBACK_TAG_OFFSET (+ part)``.
+Message sizes are fixed for a given (step, shape, dtype) and every exchange is one collective
+(or one message per hop or pair): whether a message is raw, seeds the caches or is coded both
+ends decide from the state they mirror, and NaN/Inf travel marked inside the payload (see
+`compactfusion_xdit.core.residual`), so no side message and no tag is needed to stay correct.
+A coded exchange reads nothing back to the host: codes go straight into the pooled send buffer
+and come straight out of the receive buffer; the caches of one exchange are views of one stacked
+tensor per side (`ResidualState.stacked`), found in place at every step.
 
 Byte counts (per process, in ``state.stats()``): ``raw_bytes`` is what the uncompressed exchange
-would put on the wire from this process and ``sent_bytes`` what this one did (flag bytes and
-fallback tensors included). A rank's own chunk (all-to-all) or own tensor (all-gather, ring) never
+would put on the wire from this process and ``sent_bytes`` what this one did. A rank's own chunk (all-to-all) or own tensor (all-gather, ring) never
 leaves it and is not counted.
 
     comm = CompressedCommunicator(ResidualState(CompressionConfig.parse("residual-int4")), group)
@@ -28,15 +29,16 @@ leaves it and is not counted.
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+import math
+from typing import Any, Hashable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from compactfusion_xdit.comm import p2p
 from compactfusion_xdit.comm.pending import Pending
-from compactfusion_xdit.comm.wire import FALLBACK_TAG_OFFSET, BufferPool, finite_rows, finite_rows_each, link_key
-from compactfusion_xdit.core.residual import FLAG_RAW_FOLLOWS, MessageKind, ResidualState, fallback_follows, path_of
+from compactfusion_xdit.comm.wire import BufferPool, link_key, peer_ranges
+from compactfusion_xdit.core.residual import MessageKind, ResidualState, path_of, shape_2d
 
 class CompressedCommunicator:
     """Compressed all-to-all, all-gather, ring exchange and point-to-point over a process group.
@@ -49,6 +51,7 @@ class CompressedCommunicator:
         self.state = state
         self.group = group
         self.buffers = BufferPool()
+        self._plans: dict[tuple, Any] = {}  # per exchange signature: links, sizes, offsets, buffers
 
     # ----- helpers ------------------------------------------------------------------------------
     def _group(self, group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -62,8 +65,9 @@ class CompressedCommunicator:
         return dist.get_process_group_ranks(group), dist.get_rank(group)
 
     def release_buffers(self) -> None:
-        """Free the pooled wire buffers (they are rebuilt on demand)."""
+        """Free the pooled wire buffers and exchange plans (they are rebuilt on demand)."""
         self.buffers.release()
+        self._plans.clear()
 
     # ----- all-to-all -----------------------------------------------------------------------------
     def all_to_all(self, key: Hashable, x: torch.Tensor, group: dist.ProcessGroup | None = None,
@@ -97,10 +101,15 @@ class CompressedCommunicator:
             if x.dtype != xs[0].dtype or x.device != xs[0].device:
                 raise ValueError("all_to_all_many needs tensors of one dtype and device")
         xs = [x.contiguous() for x in xs]
-        dtype, state = xs[0].dtype, self.state
+        dtype, device, state = xs[0].dtype, xs[0].device, self.state
         chunk_shapes = [(x.shape[0] // world, *x.shape[1:]) for x in xs]
+        peers = [p for p in range(world) if p != me]
         kinds = [state.message_kind(k, c, dtype) for k, c in zip(keys, chunk_shapes)]
         outs = [torch.empty_like(x) for x in xs]
+        if all(k is MessageKind.CODED for k in kinds):
+            plan = self._a2a_plan(keys, chunk_shapes, dtype, device, ranks, me)
+            kinds = [MessageKind.SEED if state.choice(k)[0] == "residual" and not plan.cached(state, i) else kind
+                     for i, (k, kind) in enumerate(zip(keys, kinds))]
         if any(k is MessageKind.CODED for k in kinds):
             if len(set(kinds)) > 1:  # a mix (only with odd shapes): one collective per key
                 parts = [self.all_to_all_many([k], [x], g, async_op=True) for k, x in zip(keys, xs)]
@@ -113,9 +122,11 @@ class CompressedCommunicator:
         send = xs[0].view(world, -1) if len(xs) == 1 else torch.cat([x.view(world, -1) for x in xs], dim=1)
         recv = outs[0].view(world, -1) if len(xs) == 1 else torch.empty_like(send)
         work = dist.all_to_all_single(recv, send, group=g, async_op=True)
+        reseed = state.step >= state.config.warmup
         for key, kind, n in zip(keys, kinds, sizes):
             nbytes = (world - 1) * n * xs[0].element_size()
-            state.record(path_of(key), kind, nbytes, nbytes, world - 1)
+            state.record(path_of(key), kind, nbytes, nbytes, world - 1,
+                         reseeds=(world - 1) if kind is MessageKind.SEED and reseed else 0)
 
         def finish_raw() -> list[torch.Tensor]:
             offset = 0
@@ -123,57 +134,66 @@ class CompressedCommunicator:
                 if len(xs) > 1:
                     out.view(world, n).copy_(recv[:, offset:offset + n])
                 offset += n
-                if kind is MessageKind.SEED:
-                    chunks, out_chunks = x.view(world, *shape), out.view(world, *shape)
-                    sent_ok, got_ok = finite_rows(x.view(world, -1)), finite_rows(out.view(world, -1))
-                    for peer in range(world):
-                        if peer != me:
-                            state.seed_sender(link_key(key, ranks[me], ranks[peer]), chunks[peer], sent_ok[peer])
-                            state.seed_receiver(link_key(key, ranks[peer], ranks[me]), out_chunks[peer], got_ok[peer])
+                if kind is MessageKind.SEED and peers:
+                    state.seed_stacked("send", [link_key(key, ranks[me], ranks[p]) for p in peers],
+                                       _rows(x.view(world, -1), peers), shape)
+                    state.seed_stacked("recv", [link_key(key, ranks[p], ranks[me]) for p in peers],
+                                       _rows(out.view(world, -1), peers), shape)
             return outs
 
         pending = Pending([work], finish_raw, keep=(xs, send, recv))
         return pending if async_op else pending.wait()
 
     def _coded_all_to_all(self, keys, xs, outs, chunk_shapes, g, ranks, me, async_op):
-        world, state, dtype = len(ranks), self.state, xs[0].dtype
-        peers = [p for p in range(world) if p != me]
-        wire_sizes = [state.wire_nbytes(shape, dtype, key) for key, shape in zip(keys, chunk_shapes)]
-        starts = [sum(wire_sizes[:i]) for i in range(len(keys))]
-        send = self.buffers.get(tuple(keys), "a2a-send", (world, sum(wire_sizes)), xs[0].device)
-        recv = self.buffers.get(tuple(keys), "a2a-recv", (world, sum(wire_sizes)), xs[0].device)
-        fallback_to = []  # (key index, peer): the raw chunk follows point-to-point
-        finite = finite_rows_each(xs, world)
-        for i, (key, x, shape, n, start, ok) in enumerate(zip(keys, xs, chunk_shapes, wire_sizes, starts, finite)):
-            chunks = x.view(world, *shape)
-            sent = state.encode_many([link_key(key, ranks[me], ranks[p]) for p in peers], [chunks[p] for p in peers],
-                                     [send[p, start:start + n] for p in peers], [ok[p] for p in peers])
-            fallback_to += [(i, p) for p, msg in zip(peers, sent) if msg.fallback is not None]
-            chunk_nbytes = x.numel() // world * x.element_size()
-            state.record(path_of(key), MessageKind.CODED, (world - 1) * chunk_nbytes,
-                         (world - 1) * n + sum(j == i for j, _ in fallback_to) * chunk_nbytes, world - 1)
-        send[me].zero_()  # never read; keeps the bytes on the wire deterministic
+        world, state, dtype, device = len(ranks), self.state, xs[0].dtype, xs[0].device
+        plan = self._a2a_plan(keys, chunk_shapes, dtype, device, ranks, me)
+        send, recv = plan.send, plan.recv
+        ef = state.config.error_feedback
+        for i, key in enumerate(keys):
+            mode, codec = state.choice(key)
+            residual = mode == "residual"
+            x3 = xs[i].view(world, *plan.shapes2[i])
+            base = state.stacked("send", plan.send_links[i], chunk_shapes[i], dtype, device) if residual else None
+            if residual and base is None:
+                raise RuntimeError(f"residual channel {plan.send_links[i]!r} out of sync: coded step without caches")
+            bad = 0
+            for lo, hi, at in plan.ranges:
+                bad = bad + codec.encode_block(x3[lo:hi], None if base is None else base[at:at + hi - lo],
+                                               send[lo:hi], plan.starts[i], residual, ef)
+            state.count_nonfinite(path_of(key), bad)
+            state.touched("send", plan.send_links[i])
+            state.record(path_of(key), MessageKind.CODED, (world - 1) * plan.chunk_nbytes[i],
+                         (world - 1) * plan.wire_sizes[i], world - 1)
         work = dist.all_to_all_single(recv, send, group=g, async_op=True)
 
         def finish_coded() -> list[torch.Tensor]:
-            flags = recv[:, [start + n - 1 for start, n in zip(starts, wire_sizes)]].tolist()  # [source][key]
-            fallback_from = [(i, s) for i in range(len(keys)) for s in peers if flags[s][i] == FLAG_RAW_FOLLOWS]
-            views = [(x.view(world, *shape), out.view(world, *shape)) for x, out, shape in zip(xs, outs, chunk_shapes)]
-            sent, received = p2p.post(g, [(views[i][0][d], ranks[d], FALLBACK_TAG_OFFSET + i) for i, d in fallback_to],
-                                      [(views[i][1][s], ranks[s], FALLBACK_TAG_OFFSET + i) for i, s in fallback_from])
-            received.wait()
-            sent.wait()
-            for i, (key, shape, n, start) in enumerate(zip(keys, chunk_shapes, wire_sizes, starts)):
-                chunks, out_chunks = views[i]
-                out_chunks[me].copy_(chunks[me])
-                raw_from = {s for j, s in fallback_from if j == i}
-                state.decode_many([link_key(key, ranks[s], ranks[me]) for s in peers],
-                                  [recv[s, start:start + n] for s in peers], shape, dtype,
-                                  [out_chunks[s] for s in peers], [out_chunks[s] if s in raw_from else None for s in peers])
+            for i, key in enumerate(keys):
+                mode, codec = state.choice(key)
+                residual = mode == "residual"
+                x3, out3 = xs[i].view(world, *plan.shapes2[i]), outs[i].view(world, *plan.shapes2[i])
+                base = state.stacked("recv", plan.recv_links[i], chunk_shapes[i], dtype, device) if residual else None
+                if residual and base is None:
+                    raise RuntimeError(f"residual channel {plan.recv_links[i]!r} out of sync: coded step without caches")
+                for lo, hi, at in plan.ranges:
+                    codec.decode_block(recv[lo:hi], plan.starts[i], None if base is None else base[at:at + hi - lo],
+                                       out3[lo:hi], residual)
+                out3[me].copy_(x3[me])
+                state.touched("recv", plan.recv_links[i])
             return outs
 
         pending = Pending([work], finish_coded, keep=(xs, send, recv))
         return pending if async_op else pending.wait()
+
+    def _a2a_plan(self, keys, chunk_shapes, dtype, device, ranks, me) -> _AllToAllPlan:
+        codec_names = tuple(self.state.choice(k)[1].name for k in keys)  # a schedule may change codecs per step
+        return self._plan(("a2a", tuple(keys), tuple(chunk_shapes), dtype, device, tuple(ranks), me, codec_names),
+                          lambda: _AllToAllPlan(self, keys, chunk_shapes, dtype, device, ranks, me))
+
+    def _plan(self, signature: tuple, build):
+        plan = self._plans.get(signature)
+        if plan is None:
+            plan = self._plans[signature] = build()
+        return plan
 
     # ----- all-gather -----------------------------------------------------------------------------
     def all_gather(self, key: Hashable, x: torch.Tensor, group: dist.ProcessGroup | None = None,
@@ -190,19 +210,24 @@ class CompressedCommunicator:
         nbytes = x.numel() * x.element_size()
         path = path_of(key)
         state = self.state
+        others = [o for o in range(world) if o != me]
+        own = link_key(key, ranks[me], "all")
+        recv_links = [link_key(key, ranks[o], "all") for o in others]
         kind = state.message_kind(key, tuple(x.shape), x.dtype)
+        if kind is MessageKind.CODED and state.choice(key)[0] == "residual" and not (
+                state.has_cache("send", own, tuple(x.shape), x.dtype)
+                and state.stacked("recv", recv_links, tuple(x.shape), x.dtype, x.device) is not None):
+            kind = MessageKind.SEED
         out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
         if kind is not MessageKind.CODED:
             work = dist.all_gather_into_tensor(out, x.unsqueeze(0), group=g, async_op=True)
-            state.record(path, kind, (world - 1) * nbytes, (world - 1) * nbytes, world - 1)
+            reseeds = world - 1 if kind is MessageKind.SEED and state.step >= state.config.warmup else 0
+            state.record(path, kind, (world - 1) * nbytes, (world - 1) * nbytes, world - 1, reseeds=reseeds)
 
             def finish_raw() -> torch.Tensor:
-                if kind is MessageKind.SEED:
-                    state.seed_sender(link_key(key, ranks[me], "all"), x)
-                    ok = finite_rows(out.view(world, -1))
-                    for o in range(world):
-                        if o != me:
-                            state.seed_receiver(link_key(key, ranks[o], "all"), out[o], ok[o])
+                if kind is MessageKind.SEED and others:
+                    state.seed_sender(own, x)
+                    state.seed_stacked("recv", recv_links, _rows(out.view(world, -1), others), tuple(x.shape))
                 return out
 
             pending = Pending([work], finish_raw, keep=x)
@@ -211,21 +236,21 @@ class CompressedCommunicator:
         n = state.wire_nbytes(tuple(x.shape), x.dtype, key)
         send = self.buffers.get(key, "ag-send", (n,), x.device)
         recv = self.buffers.get(key, "ag-recv", (world, n), x.device)
-        msg = state.encode(link_key(key, ranks[me], "all"), x, out=send)
-        fell_back = msg.fallback is not None
-        state.record(path, kind, (world - 1) * nbytes, (world - 1) * (n + (nbytes if fell_back else 0)), world - 1)
+        state.encode(own, x, out=send)
+        state.record(path, kind, (world - 1) * nbytes, (world - 1) * n, world - 1)
         work = dist.all_gather_into_tensor(recv, send.unsqueeze(0), group=g, async_op=True)
 
         def finish_coded() -> torch.Tensor:
+            mode, codec = state.choice(key)
+            residual = mode == "residual"
+            out3 = out.view(world, *shape_2d(x.shape))
+            base = state.stacked("recv", recv_links, tuple(x.shape), x.dtype, x.device) if residual else None
+            if residual and base is None:
+                raise RuntimeError(f"residual channel {recv_links!r} out of sync: coded step without caches")
+            for lo, hi, at in peer_ranges(world, me):
+                codec.decode_block(recv[lo:hi], 0, None if base is None else base[at:at + hi - lo], out3[lo:hi], residual)
             out[me].copy_(x)
-            flags = recv[:, -1].tolist()
-            flagged = [o for o in range(world) if flags[o] == FLAG_RAW_FOLLOWS]
-            for o in flagged:  # every rank sees every flag: broadcasts in the same order everywhere
-                dist.broadcast(x if o == me else out[o], src=ranks[o], group=g)
-            others = [o for o in range(world) if o != me]
-            state.decode_many([link_key(key, ranks[o], "all") for o in others], [recv[o] for o in others],
-                              tuple(x.shape), x.dtype, [out[o] for o in others],
-                              [out[o] if o in flagged else None for o in others])
+            state.touched("recv", recv_links)
             return out
 
         pending = Pending([work], finish_coded, keep=(x, send, recv))
@@ -245,18 +270,16 @@ class CompressedCommunicator:
         nbytes = x.numel() * x.element_size()
         path = path_of(key)
         link = link_key(key, me, dst)
-        kind = self.state.message_kind(key, tuple(x.shape), x.dtype)
+        state = self.state
+        kind = state.message_kind(key, tuple(x.shape), x.dtype, link, "send")
         if kind is not MessageKind.CODED:
             if kind is MessageKind.SEED:
-                self.state.seed_sender(link, x)
-            self.state.record(path, kind, nbytes, nbytes)
+                state.seed_sender(link, x)
+            state.record(path, kind, nbytes, nbytes, reseeds=int(kind is MessageKind.SEED and state.step >= state.config.warmup))
             return p2p.post(g, sends=[(x, dst, tag)])[0]
-        msg = self.state.encode(link, x)
-        sends = [(msg.wire, dst, tag)]
-        if msg.fallback is not None:
-            sends.append((x, dst, tag + FALLBACK_TAG_OFFSET))
-        self.state.record(path, kind, nbytes, msg.wire.numel() + (nbytes if msg.fallback is not None else 0))
-        return p2p.post(g, sends=sends)[0]
+        wire = state.encode(link, x)
+        state.record(path, kind, nbytes, wire.numel())
+        return p2p.post(g, sends=[(wire, dst, tag)])[0]
 
     def send(self, key: Hashable, x: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None, tag: int = 0) -> None:
         """Blocking `isend`."""
@@ -279,7 +302,7 @@ class CompressedCommunicator:
             raise ValueError(f"out must be a contiguous {shape} {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
         link = link_key(key, src, me)
         state = self.state
-        kind = state.message_kind(key, shape, dtype)
+        kind = state.message_kind(key, shape, dtype, link, "recv")
         if kind is not MessageKind.CODED:
             received = p2p.post(g, recvs=[(out, src, tag)])[1]
 
@@ -289,16 +312,9 @@ class CompressedCommunicator:
                 return out
 
             return Pending([received], finish_raw)
-        wire = torch.empty(state.wire_nbytes(shape, dtype, key), dtype=torch.uint8, device=out.device)
+        wire = self.buffers.get(link, "p2p-recv", (state.wire_nbytes(shape, dtype, key),), out.device)
         received = p2p.post(g, recvs=[(wire, src, tag)])[1]
-
-        def finish_coded() -> torch.Tensor:
-            raw = fallback_follows(wire)
-            if raw:
-                p2p.post(g, recvs=[(out, src, tag + FALLBACK_TAG_OFFSET)])[1].wait()
-            return state.decode(link, wire, shape, dtype, fallback=out if raw else None, out=out, raw_follows=raw)
-
-        return Pending([received], finish_coded)
+        return Pending([received], lambda: state.decode(link, wire, shape, dtype, out=out))
 
     def recv(self, key: Hashable, shape: Sequence[int], dtype: torch.dtype, src: int,
              group: dist.ProcessGroup | None = None, tag: int = 0, device: torch.device | str | None = None,
@@ -322,26 +338,24 @@ class CompressedCommunicator:
         receivers = dist.get_world_size(g) - 1
         path, link, shape = path_of(key), link_key(key, src, "all"), tuple(x.shape)
         nbytes = x.numel() * x.element_size()
-        kind = MessageKind.RAW if raw else state.message_kind(key, shape, x.dtype)
+        side = "send" if leader else "recv"
+        kind = MessageKind.RAW if raw else state.message_kind(key, shape, x.dtype, link, side)
         if kind is not MessageKind.CODED:
             dist.broadcast(x, src=src, group=g)
             if kind is MessageKind.SEED:
                 (state.seed_sender if leader else state.seed_receiver)(link, x)
             if leader:
-                state.record(path, kind, receivers * nbytes, receivers * nbytes, receivers)
+                reseeds = receivers if kind is MessageKind.SEED and state.step >= state.config.warmup else 0
+                state.record(path, kind, receivers * nbytes, receivers * nbytes, receivers, reseeds=reseeds)
             return x
         wire = self.buffers.get(key, "bcast", (state.wire_nbytes(shape, x.dtype, link),), x.device)
         if leader:
             state.encode(link, x, out=wire)
         dist.broadcast(wire, src=src, group=g)
-        follows = fallback_follows(wire)  # the source had no cache or x was not finite: x follows
-        if follows:
-            dist.broadcast(x, src=src, group=g)
         if leader:
-            state.record(path, kind, receivers * nbytes, receivers * (wire.numel() + (nbytes if follows else 0)),
-                         receivers)
+            state.record(path, kind, receivers * nbytes, receivers * wire.numel(), receivers)
         else:
-            state.decode(link, wire, shape, x.dtype, fallback=x if follows else None, out=x, raw_follows=follows)
+            state.decode(link, wire, shape, x.dtype, out=x)
         return x
 
     # ----- ring -----------------------------------------------------------------------------------
@@ -382,3 +396,39 @@ class CompressedCommunicator:
         problems = self.cache_mismatches(group)
         if problems:
             raise RuntimeError("residual caches diverged:\n" + "\n".join(problems))
+
+
+def _rows(x2: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x2[rows] for sorted row indices, without a copy when they are contiguous."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return x2[rows[0]:rows[-1] + 1]
+    return x2[rows]
+
+
+class _AllToAllPlan:
+    """What a coded all-to-all of one signature (keys, chunk shapes, dtype, device, group, codecs)
+    needs at every step, built once: link keys per key and side (peers in rank order), wire sizes
+    and offsets of each key's message in a destination's block, and the pooled buffers (the own
+    row of the send buffer is never written and stays zero, so the wire is deterministic)."""
+
+    def __init__(self, comm: CompressedCommunicator, keys, chunk_shapes, dtype, device, ranks, me) -> None:
+        state, world = comm.state, len(ranks)
+        peers = [p for p in range(world) if p != me]
+        self.send_links = [[link_key(k, ranks[me], ranks[p]) for p in peers] for k in keys]
+        self.recv_links = [[link_key(k, ranks[p], ranks[me]) for p in peers] for k in keys]
+        self.shapes2 = [shape_2d(c) for c in chunk_shapes]
+        self.wire_sizes = [state.wire_nbytes(c, dtype, k) for k, c in zip(keys, chunk_shapes)]
+        self.chunk_nbytes = [math.prod(c) * dtype.itemsize for c in chunk_shapes]
+        self.starts = [sum(self.wire_sizes[:i]) for i in range(len(keys))]
+        self.chunk_shapes = [tuple(c) for c in chunk_shapes]
+        self.dtype, self.device = dtype, device
+        self.ranges = peer_ranges(world, me)
+        total = sum(self.wire_sizes)
+        self.send = torch.zeros((world, total), dtype=torch.uint8, device=device)
+        self.recv = torch.empty((world, total), dtype=torch.uint8, device=device)
+
+    def cached(self, state: ResidualState, i: int) -> bool:
+        """Whether every link of key i holds its caches on this rank (else the key seeds again)."""
+        shape, dtype, device = self.chunk_shapes[i], self.dtype, self.device
+        return (state.stacked("send", self.send_links[i], shape, dtype, device) is not None
+                and state.stacked("recv", self.recv_links[i], shape, dtype, device) is not None)

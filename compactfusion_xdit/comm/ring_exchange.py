@@ -1,9 +1,7 @@
 """Ring exchange of coded tensors: code once at the origin, forward the payload hop by hop.
 
-One message per hop holds a part per tensor (the raw bytes for RAW/SEED parts, payload + flag for
-CODED parts), so its size is known to both ends. A CODED part flagged "raw follows" is followed on
-the same hop by the raw tensor (tag ``tag + FALLBACK_TAG_OFFSET + part``), and every forwarder
-passes it on with the message.
+One message per hop holds a part per tensor (the raw bytes for RAW/SEED parts, the payload for
+CODED parts), so its size is known to both ends and nothing else travels.
 """
 
 from __future__ import annotations
@@ -14,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from compactfusion_xdit.comm import p2p
-from compactfusion_xdit.comm.wire import FALLBACK_TAG_OFFSET, link_key
-from compactfusion_xdit.core.residual import FLAG_RAW_FOLLOWS, MessageKind, path_of
+from compactfusion_xdit.comm.wire import link_key
+from compactfusion_xdit.core.residual import MessageKind, path_of
 
 if TYPE_CHECKING:
     from compactfusion_xdit.comm.communicator import CompressedCommunicator
@@ -44,45 +42,48 @@ class RingExchange:
         device = self.tensors[0].device
         self.kinds, self.sizes, self.offsets = [], [], []
         offset = 0
-        for t in self.tensors:
+        for i, t in enumerate(self.tensors):
             kind = self.state.message_kind(key, tuple(t.shape), t.dtype)
+            if kind is MessageKind.CODED and self.state.choice(key)[0] == "residual" and not self._cached(i, t):
+                kind = MessageKind.SEED
             size = self.state.wire_nbytes(tuple(t.shape), t.dtype, key) if kind is MessageKind.CODED else t.numel() * t.element_size()
             self.kinds.append(kind)
             self.sizes.append(size)
             self.offsets.append(offset)
             offset += size
         self.buffers = [comm.buffers.get(key, f"ring{i}", (offset,), device) for i in (0, 1)]
-        self._fallbacks = self._code_own(self.buffers[0])
-        self._hop = self._post_hop(self.buffers[0], self._fallbacks, self.buffers[1]) if self.world > 1 else None
+        self._code_own(self.buffers[0])
+        self._hop = self._post_hop(self.buffers[0], self.buffers[1]) if self.world > 1 else None
         self._started = False
 
     def _link(self, part: int, origin: int) -> tuple:
         return link_key(self.key, part, self.ranks[origin], "ring")
 
+    def _cached(self, i: int, t: torch.Tensor) -> bool:
+        """Whether this rank holds every cache of part i: its own (send) and each origin's (recv)."""
+        shape, state = tuple(t.shape), self.state
+        return state.has_cache("send", self._link(i, self.me), shape, t.dtype) and all(
+            state.has_cache("recv", self._link(i, o), shape, t.dtype) for o in range(self.world) if o != self.me)
+
     def _part(self, message: torch.Tensor, i: int) -> torch.Tensor:
         return message[self.offsets[i]:self.offsets[i] + self.sizes[i]]
 
-    def _code_own(self, message: torch.Tensor) -> dict[int, torch.Tensor]:
-        fallbacks = {}
+    def _code_own(self, message: torch.Tensor) -> None:
         for i, (t, kind) in enumerate(zip(self.tensors, self.kinds)):
             part = self._part(message, i)
             if kind is MessageKind.CODED:
-                msg = self.state.encode(self._link(i, self.me), t, out=part)
-                if msg.fallback is not None:
-                    fallbacks[i] = t
+                self.state.encode(self._link(i, self.me), t, out=part)
             else:
                 part.copy_(t.reshape(-1).view(torch.uint8))
                 if kind is MessageKind.SEED:
                     self.state.seed_sender(self._link(i, self.me), t)
-        return fallbacks
 
-    def _decode(self, message: torch.Tensor, origin: int, fallbacks: dict[int, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _decode(self, message: torch.Tensor, origin: int) -> tuple[torch.Tensor, ...]:
         out = []
         for i, (t, kind) in enumerate(zip(self.tensors, self.kinds)):
             part = self._part(message, i)
             if kind is MessageKind.CODED:
-                out.append(self.state.decode(self._link(i, origin), part, tuple(t.shape), t.dtype,
-                                             fallback=fallbacks.get(i), raw_follows=i in fallbacks))
+                out.append(self.state.decode(self._link(i, origin), part, tuple(t.shape), t.dtype))
             else:
                 y = torch.empty_like(t)
                 y.reshape(-1).view(torch.uint8).copy_(part)
@@ -91,49 +92,31 @@ class RingExchange:
                 out.append(y)
         return tuple(out)
 
-    def _post_hop(self, message: torch.Tensor, fallbacks: dict[int, torch.Tensor], into: torch.Tensor):
-        """Send `message` (and its fallbacks) to the next rank, receive the next into `into`."""
+    def _post_hop(self, message: torch.Tensor, into: torch.Tensor):
+        """Send `message` to the next rank, receive the next into `into`."""
         nxt, prv = self.ranks[(self.me + 1) % self.world], self.ranks[(self.me - 1) % self.world]
-        sends = [(message, nxt, self.tag)]
-        sends += [(fallbacks[i], nxt, self.tag + FALLBACK_TAG_OFFSET + i) for i in sorted(fallbacks)]
+        reseed = self.state.step >= self.state.config.warmup
         for i, t in enumerate(self.tensors):
             nbytes = t.numel() * t.element_size()
-            self.state.record(self.path, self.kinds[i], nbytes, self.sizes[i] + (nbytes if i in fallbacks else 0))
-        return p2p.post(self.group, sends, [(into, prv, self.tag)])
-
-    def _receive_fallbacks(self, message: torch.Tensor) -> dict[int, torch.Tensor]:
-        prv = self.ranks[(self.me - 1) % self.world]
-        coded = [i for i, kind in enumerate(self.kinds) if kind is MessageKind.CODED]
-        if not coded:
-            return {}
-        flag_at = torch.tensor([self.offsets[i] + self.sizes[i] - 1 for i in coded], device=message.device)
-        flags = message[flag_at].tolist()  # one host sync for all parts
-        fallbacks = {}
-        for i, flag in zip(coded, flags):
-            t = self.tensors[i]
-            if flag == FLAG_RAW_FOLLOWS:
-                raw = torch.empty_like(t)
-                p2p.post(self.group, recvs=[(raw, prv, self.tag + FALLBACK_TAG_OFFSET + i)])[1].wait()
-                fallbacks[i] = raw
-        return fallbacks
+            self.state.record(self.path, self.kinds[i], nbytes, self.sizes[i],
+                              reseeds=int(self.kinds[i] is MessageKind.SEED and reseed))
+        return p2p.post(self.group, [(message, nxt, self.tag)], [(into, prv, self.tag)])
 
     def __iter__(self) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
         if self._started:
             raise RuntimeError("a RingExchange can be iterated once")
         self._started = True
         current, spare = self.buffers
-        fallbacks = self._fallbacks
         sent, received = self._hop or (None, None)
         for step in range(self.world):
             origin = (self.me - step) % self.world
             if step > 0:
                 received.wait()
-                fallbacks = self._receive_fallbacks(current)
                 sent.wait()  # the previous hop's sends: frees `spare` for the next receive
                 if step < self.world - 1:
-                    sent, received = self._post_hop(current, fallbacks, spare)
+                    sent, received = self._post_hop(current, spare)
             if step == 0:
                 yield origin, self.tensors
             else:
-                yield origin, self._decode(current, origin, fallbacks)
+                yield origin, self._decode(current, origin)
             current, spare = spare, current

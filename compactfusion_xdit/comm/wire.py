@@ -1,15 +1,11 @@
-"""What every exchange of the communicator shares: channel keys, side-message tags, finite checks
-and the pooled wire buffers."""
+"""What every exchange of the communicator shares: channel keys, peer ranges and the pooled wire
+buffers."""
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from typing import Hashable
 
 import torch
-
-#: Side messages (raw fallbacks) use the caller's tag plus this, so they never match a payload.
-FALLBACK_TAG_OFFSET = 1 << 20
-
 
 def link_key(key: Hashable, *ends: Hashable) -> tuple:
     """The channel key of one link: the caller's key (a tuple) extended with its ends."""
@@ -18,15 +14,15 @@ def link_key(key: Hashable, *ends: Hashable) -> tuple:
     return (*key, *ends)
 
 
-def finite_rows(x2: torch.Tensor) -> list[bool]:
-    """`residual.is_finite` per row of a 2-D tensor, with one host sync."""
-    return torch.isfinite(x2.sum(dim=1, dtype=torch.float32)).tolist()
-
-
-def finite_rows_each(tensors: Sequence[torch.Tensor], rows: int) -> list[list[bool]]:
-    """`finite_rows` of each tensor viewed as `rows` rows, with one host sync for all of them."""
-    sums = torch.stack([t.reshape(rows, -1).sum(dim=1, dtype=torch.float32) for t in tensors])
-    return torch.isfinite(sums).tolist()
+def peer_ranges(world: int, me: int) -> list[tuple[int, int, int]]:
+    """The peers of group rank `me` as contiguous ranges ``(lo, hi, at)``: ranks lo..hi-1, whose
+    per-peer stack (own rank left out) starts at index `at`. At most two: before and after me."""
+    ranges = []
+    if me > 0:
+        ranges.append((0, me, 0))
+    if me < world - 1:
+        ranges.append((me + 1, world, me))
+    return ranges
 
 
 class BufferPool:

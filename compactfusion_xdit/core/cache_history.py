@@ -10,7 +10,7 @@ path without any collective during the request, so it also covers pipelined stag
 where a collective at one stage's step boundary would wait for a stage that is waiting for it,
 and exchanges still in flight at a step boundary (displaced patch parallelism).
 
-    history = CacheHistory(state)          # wraps state's encode/decode/seed methods (instance only)
+    history = CacheHistory(state)          # observes every cache update of `state`
     ... run a request ...
     problems = history.mismatches()        # [] when every receiver tracked its sender bitwise
 """
@@ -23,8 +23,6 @@ from typing import Any, Hashable
 import torch
 import torch.distributed as dist
 
-_SIDES = {"encode": "send", "seed_sender": "send", "decode": "recv", "seed_receiver": "recv",
-          "encode_many": "send", "decode_many": "recv"}
 _NO_CACHE = "-"
 
 
@@ -42,18 +40,7 @@ class CacheHistory:
     def __init__(self, state: Any) -> None:
         self.state = state
         self.entries: dict[tuple[str, Hashable], list[tuple[int, str]]] = {}
-        for method, side in _SIDES.items():
-            setattr(state, method, self._recording(getattr(state, method), side))
-
-    def _recording(self, method, side: str):
-        def call(key, *args, **kwargs):
-            result = method(key, *args, **kwargs)
-            for k in key if method.__name__.endswith("_many") else (key,):
-                self.record(side, k)
-            return result
-
-        call.__wrapped__ = method
-        return call
+        state.observer = self.record
 
     def record(self, side: str, key: Hashable) -> None:
         if side == "send" and not self.state.config.error_feedback:
@@ -64,9 +51,9 @@ class CacheHistory:
         self.entries.clear()
 
     def detach(self) -> None:
-        """Stop recording (the state's methods are restored)."""
-        for method in _SIDES:
-            self.state.__dict__.pop(method, None)
+        """Stop recording."""
+        if self.state.observer == self.record:
+            self.state.observer = None
 
     def mismatches(self, group: dist.ProcessGroup | None = None) -> list[str]:
         """Collective over `group` (default: the world; it must hold both ends of every link): one

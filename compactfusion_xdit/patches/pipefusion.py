@@ -28,9 +28,11 @@ warm-up steps never seed them, their messages are whole maps). On the sender, k 
 equals ``session.step`` as the lifecycle patch numbers steps. Counters restart with each request
 (``session.requests``).
 
-Wire: each channel has its own point-to-point tag (`channel_tag`), its raw fallback (NaN/Inf at
-the sender, or ``warmup=0``) the communicator's offset tag on top, so receives may complete in any
-order on gloo; xfuser's own messages (shapes, synchronous steps) keep tag 0 and their order.
+Wire: each channel has its own point-to-point tag (`channel_tag`), so receives may complete in any
+order on gloo; xfuser's own messages (shapes, synchronous steps) keep tag 0 and their order. A
+message is one fixed-size tensor whatever happens (a cache re-seed is a raw message both ends
+expect, NaN/Inf rows travel marked inside the payload), so on NCCL, which ignores tags, messages
+match in posting order, which xfuser keeps (it posts receives in send order).
 
 Receive buffers: xfuser's raw-shaped buffers stay (the pipelines read them), and are the decode
 target; the wire buffer of a coded message is payload-sized. Sends are non-blocking: each
@@ -59,8 +61,8 @@ SYNC_ENCODER_STATE = "encoder_hidden_state"
 #: The patch phase's text states: one tensor per step, sent with segment -1, received as segment 0.
 ASYNC_ENCODER_STATES = "encoder_hidden_states"
 SKIP = "skip"
-#: Point-to-point tag of each channel (payload on the tag, raw fallback on tag + the communicator's
-#: offset), so a receiver may complete its receives in any order; stock messages use tag 0.
+#: Point-to-point tag of each channel, so a receiver may complete its receives in any order; stock
+#: messages use tag 0.
 _NAME_TAGS = {"latent": 0, ASYNC_ENCODER_STATES: 1, SKIP: 2}
 
 
@@ -124,8 +126,8 @@ class PipeFusionChannels:
         finally:
             state.step = saved
 
-    def kind_name(self, key: tuple, shape, dtype: torch.dtype) -> str:
-        return self.session.state.message_kind(key, tuple(shape), dtype).value
+    def kind_name(self, key: tuple, shape, dtype: torch.dtype, link: tuple, side: str) -> str:
+        return self.session.state.message_kind(key, tuple(shape), dtype, link, side).value
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +174,8 @@ def channel_tag(key: tuple) -> int:
 def _coded_isend(channels: PipeFusionChannels, pp, key: tuple, tensor: torch.Tensor, dst: int, group):
     k = channels.next_index("send", key)
     with channels.at_message_step(k):
-        channels.log("send", key, tensor.shape, tensor.dtype, channels.kind_name(key, tensor.shape, tensor.dtype))
+        link = (*key, torch.distributed.get_rank(), dst)
+        channels.log("send", key, tensor.shape, tensor.dtype, channels.kind_name(key, tensor.shape, tensor.dtype, link, "send"))
         handle = channels.session.comm(group).isend(key, tensor, dst=dst, group=group, tag=channel_tag(key))
     pending_sends(pp).append(handle)  # gloo loses sends whose work is dropped
     return handle
@@ -181,7 +184,8 @@ def _coded_isend(channels: PipeFusionChannels, pp, key: tuple, tensor: torch.Ten
 def _coded_irecv(channels: PipeFusionChannels, key: tuple, out: torch.Tensor, src: int, group):
     k = channels.next_index("recv", key)
     with channels.at_message_step(k):
-        channels.log("recv", key, out.shape, out.dtype, channels.kind_name(key, out.shape, out.dtype))
+        link = (*key, src, torch.distributed.get_rank())
+        channels.log("recv", key, out.shape, out.dtype, channels.kind_name(key, out.shape, out.dtype, link, "recv"))
         return channels.session.comm(group).irecv(key, out.shape, out.dtype, src=src, group=group, out=out,
                                                   tag=channel_tag(key))
 

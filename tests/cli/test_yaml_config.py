@@ -305,7 +305,7 @@ def wire_bytes(name: str, shape) -> int:
     codec = name.removeprefix("residual-")
     data = {"int8": cols, "int4": -(-cols // 2), "1bit": -(-cols // 8)}[codec] * rows  # docs/codec_format.md
     scales = 2 * rows + (2 * cols if codec == "1bit" else 0)
-    return data + scales + 1  # + the flag byte
+    return data + scales
 
 
 @pytest.fixture(scope="module")

@@ -149,9 +149,9 @@ def fn_results():
 
 
 def int4_wire_nbytes(shape) -> int:
-    """docs/codec_format.md: N rows of ceil(C/2) bytes + N bf16 scales, plus the 1-byte flag."""
+    """docs/codec_format.md: N rows of ceil(C/2) bytes + N bf16 scales."""
     n, c = math.prod(shape[:-1]), shape[-1]
-    return n * math.ceil(c / 2) + 2 * n + 1
+    return n * math.ceil(c / 2) + 2 * n
 
 
 def test_raw_ring_is_torch_ring_bit_for_bit(fn_results):

@@ -59,8 +59,8 @@ def argv_for(model: str, compression: str, *flags: str, prompt: str = "a cat", s
 
 
 def int4_wire_nbytes(rows: int, cols: int) -> int:
-    """docs/codec_format.md: ceil(C/2) data bytes and a bf16 scale per row, plus the 1-byte flag."""
-    return rows * (-(-cols // 2)) + 2 * rows + 1
+    """docs/codec_format.md: ceil(C/2) data bytes and a bf16 scale per row."""
+    return rows * (-(-cols // 2)) + 2 * rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,10 +287,9 @@ def test_worker_stats_show_the_ulysses_byte_reduction_and_consistent_caches(dog_
     assert stats["cache_consistent"] is True
     assert ulysses["messages"] == 2 * STEPS * flux_layers * 4  # ranks x steps x attention layers x (q, k, v, out)
     # every step sends the same shapes: step 0 raw (a third of raw_bytes), steps 1-2 int4: each fp32
-    # row of 16 values (64 bytes) becomes 8 data bytes + a 2-byte scale, plus one flag byte per message
+    # row of 16 values (64 bytes) becomes 8 data bytes + a 2-byte scale
     raw = ulysses["raw_bytes"]
-    coded_messages = ulysses["messages"] * (STEPS - 1) // STEPS
-    assert ulysses["sent_bytes"] == raw // STEPS + (raw * (STEPS - 1) // STEPS) * 10 // 64 + coded_messages
+    assert ulysses["sent_bytes"] == raw // STEPS + (raw * (STEPS - 1) // STEPS) * 10 // 64
     assert stats["raw_bytes"] == raw and stats["sent_bytes"] == ulysses["sent_bytes"]
     assert stats["ratio"] == pytest.approx(raw / ulysses["sent_bytes"]) and stats["ratio"] > 2.2  # 3 steps, 1 raw: at most 1 / (1/3 + 2/3 * 10/64) = 2.29
 
