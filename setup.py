@@ -21,12 +21,13 @@ setup(
         "pyyaml",
         "numpy",
         "pillow",
+        "numba>=0.60",  # the compiled CPU codecs (codecs/cpu), on by default; wheels, no compiler
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "numba>=0.60", "scikit-image", "scikit-learn", "matplotlib",
                  "triton>=3.0; platform_machine == 'x86_64'"],
         "triton": ["triton>=3.0"],
-        "cpu-kernels": ["numba>=0.60"],  # compiled CPU codecs (codecs/cpu, CFX_CPU_KERNELS=1); wheels, no compiler
+        "cpu-kernels": ["numba>=0.60"],  # an alias kept for old install lines: numba is now a core requirement
         "video": ["av"],
         "flash": ["flash-attn"],
         "bench": ["matplotlib", "scikit-image", "scikit-learn"],

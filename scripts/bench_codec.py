@@ -5,6 +5,15 @@
     python scripts/bench_codec.py --device cuda --codecs int8,int4,int2,1bit --modes residual --sweep-warps
     python scripts/bench_codec.py --quick               # tiny sizes, one repetition (CI smoke run)
     python scripts/bench_codec.py --codecs int4 --modes residual --path both --dtype float32,bfloat16 --sizes 64,256 --channels 64
+    python scripts/bench_codec.py --block --codecs int4,1bit --dtype float32,bfloat16   # CPU block API
+
+`--block` (CPU) times instead `codecs.cpu.encode_block` / `decode_block` (residual, error
+feedback) on --links links (default 2) with no link skipped and with link 0 skipped (an
+all-to-all's own chunk, copied by decode_block from src3), wrapper included, at --block-sizes
+(default 64x64,256x64,4096x3072): median and 10th-percentile us, and GB/s (per coded link:
+encode reads x and base and writes base and the message; decode reads the message and base and
+writes base and out). Next to it the torch reference doing the same links one by one
+(encode_residual / decode_residual with CFX_FORCE_TORCH=1; its copies into a wire not counted).
 
 Modes: `residual` (encode_residual with error feedback: read x, read base, write base, write
 payload; decode_residual: read payload, read base, write base) and `plain` (encode: read x, write
@@ -219,6 +228,66 @@ def print_table(rows: list[dict], device: torch.device, bw: float | None, timer:
         print(line)
 
 
+def _median_p10(fn, reps: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return statistics.median(times), times[len(times) // 10]
+
+
+def bench_block(names, dtypes, sizes, links: int, reps: int | None) -> list[dict]:
+    """encode_block / decode_block (residual, error feedback) vs the torch path link by link."""
+    rows = []
+    for name in names:
+        if name not in cpu_codecs.CPU_CODECS:
+            continue
+        codec = codecs.get(name)
+        for dtype in dtypes:
+            for n, c in sizes:
+                big = n * c >= 1 << 20
+                nrep = reps or (7 if big else 2000)
+                warm = 1 if big else 100
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(links, n, c, generator=g).to(dtype)
+                base = (x.float() + 0.1 * torch.randn(links, n, c, generator=g)).to(dtype)
+                out = torch.empty_like(x)
+                P = codec.payload_nbytes((n, c), dtype)
+                wire = torch.zeros(links, P, dtype=torch.uint8)
+                raw = n * c * x.element_size()
+                for skip in (-1, 0):
+                    coded = links - (skip >= 0)
+                    work = base.clone()
+                    enc = _median_p10(lambda: cpu_codecs.encode_block(name, x, work, wire, 0, skip, True), nrep, warm)
+                    dec = _median_p10(lambda: cpu_codecs.decode_block(name, wire, 0, work, out, skip, True, src3=x),
+                                      nrep, warm)
+                    with force_torch(True):
+                        tw = base.clone()
+                        ps = [codec.encode_residual(x[l], tw[l]) for l in range(links)]
+                        todo = [l for l in range(links) if l != skip]
+                        tenc = _median_p10(lambda: [codec.encode_residual(x[l], tw[l]) for l in todo], nrep // 10 + 1, 1)
+                        tdec = _median_p10(lambda: [codec.decode_residual(ps[l], tw[l]) for l in todo], nrep // 10 + 1, 1)
+                    moved = coded * (3 * raw + P)
+                    rows.append({"codec": name, "dtype": str(dtype).replace("torch.", ""), "L": links, "skip": skip,
+                                 "N": n, "C": c, "encode_us": enc[0] * 1e6, "encode_p10_us": enc[1] * 1e6,
+                                 "decode_us": dec[0] * 1e6, "decode_p10_us": dec[1] * 1e6,
+                                 "encode_GBps": moved / enc[0] / 1e9, "decode_GBps": moved / dec[0] / 1e9,
+                                 "torch_encode_us": tenc[0] * 1e6, "torch_decode_us": tdec[0] * 1e6,
+                                 "torch_encode_GBps": moved / tenc[0] / 1e9, "torch_decode_GBps": moved / tdec[0] / 1e9})
+    print(f"{'codec':>6} {'dtype':>8} {'L':>2} {'skip':>4} {'N':>5} {'C':>5} | {'enc us (p10)':>15} {'dec us (p10)':>15} "
+          f"{'enc GB/s':>8} {'dec GB/s':>8} | {'torch enc us':>12} {'torch dec us':>12} {'GB/s':>5} {'GB/s':>5}")
+    for r in rows:
+        print(f"{r['codec']:>6} {r['dtype']:>8} {r['L']:>2} {r['skip']:>4} {r['N']:>5} {r['C']:>5} | "
+              f"{r['encode_us']:>7.1f} ({r['encode_p10_us']:>5.1f}) {r['decode_us']:>7.1f} ({r['decode_p10_us']:>5.1f}) "
+              f"{r['encode_GBps']:>8.2f} {r['decode_GBps']:>8.2f} | {r['torch_encode_us']:>12.1f} "
+              f"{r['torch_decode_us']:>12.1f} {r['torch_encode_GBps']:>5.2f} {r['torch_decode_GBps']:>5.2f}")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -237,7 +306,26 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU: torch threads (the compiled codecs use one)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few reps (smoke test)")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--block", action="store_true", help="CPU: time codecs.cpu.encode_block/decode_block instead")
+    ap.add_argument("--links", type=int, default=2, help="--block: links L per call")
+    ap.add_argument("--block-sizes", default="64x64,256x64,4096x3072", help="--block: NxC list")
     args = ap.parse_args(argv)
+    if args.block:
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        if not cpu_codecs.ensure_compiled():
+            print(f"error: the compiled CPU codecs are unavailable ({cpu_codecs.status()})", file=sys.stderr)
+            return 2
+        print(f"compiled CPU codecs ready after {time.perf_counter() - t0:.2f} s")
+        sizes = [(8, 16)] if args.quick else [tuple(int(v) for v in s.split("x")) for s in args.block_sizes.split(",")]
+        names = [s for s in args.codecs.split(",") if s]
+        rows = bench_block(names, [DTYPES[d] for d in args.dtype.split(",")], sizes, args.links,
+                           2 if args.quick else args.reps)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"device": "cpu", "torch": torch.__version__, "threads": args.threads, "block": rows}, f, indent=1)
+        return 0
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -11,13 +11,23 @@ receiver (or the reverse) keep bitwise-equal caches.
     if cpu.supports(codec.name, x):
         payload = cpu.encode_residual(codec, x, base)      # base updated in place
 
+The block API codes several links' messages straight into a (links, bytes) send buffer and
+decodes them straight out of a receive buffer, one compiled call for all links:
+
+    cpu.encode_block("int4", x3, base3, send, offset, skip=rank, residual=True)
+    cpu.decode_block("int4", recv, offset, base3, out3, skip=rank, residual=True, src3=x3)
+
 `supports` is False (the torch reference runs) for CUDA tensors, codecs without a kernel (none,
-lowrank-R), CFX_FORCE_TORCH=1, without numba (one warning), and while the kernels are not yet
-compiled: the first use starts that in the background (`_loader`), so no request waits for a
-compile; the torch path serves until it is done, which is safe because both paths decode alike.
-`ensure_compiled()` waits for it (benchmarks, tests).
+lowrank-R), CFX_CPU_KERNELS=0, CFX_FORCE_TORCH=1, without numba (one warning), and in a process
+whose first call found the kernels not yet compiled: that call starts the compile in the
+background for later processes (`_loader`), and this process keeps the torch path for its whole
+life, so no request waits for a compile and no process switches paths mid-run.
+`ensure_compiled()` waits for the compile and switches this process to the kernels (benchmarks,
+tests).
 """
 from __future__ import annotations
+
+import operator
 
 import numpy as np
 import torch
@@ -32,28 +42,38 @@ _BITS = {"int8": 8, "int4": 4, "int2": 2}
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def enabled() -> bool:
+    """CFX_CPU_KERNELS: unset or anything but "0" lets the compiled path run (the default); "0"
+    keeps every CPU tensor on the torch reference."""
+    return envs.get(envs.CPU_KERNELS) != "0"
+
+
 def supports(codec_name: str, x: torch.Tensor) -> bool:
-    """Whether the compiled CPU path takes this call now (x: the coded tensor, the cache, or a
-    payload's data tensor; only its device and rank matter here)."""
-    if envs.flag(envs.FORCE_TORCH):
+    """Whether the compiled CPU path takes this call (x: the coded tensor, the cache, a payload's
+    data tensor, or a block's (links, N, C) tensor; only its device and rank matter here). The
+    answer is the same for the whole process (the first call decides; see `_loader`) unless
+    `ensure_compiled()` switches it on, or the environment flags change."""
+    if envs.flag(envs.FORCE_TORCH) or not enabled():
         return False
     return takes(codec_name, x)
 
 
 def takes(codec_name: str, x: torch.Tensor) -> bool:
-    """`supports` without the CFX_FORCE_TORCH check (the codec base class has made it)."""
-    if codec_name not in CPU_CODECS or not x.is_cpu or x.dim() != 2:
+    """`supports` without the environment checks (the codec base class has made them)."""
+    if codec_name not in CPU_CODECS or not x.is_cpu or x.dim() not in (2, 3):
         return False
-    return _loader.kernels() is not None
+    return (_loader._module or _loader.kernels()) is not None
 
 
 def ensure_compiled(timeout: float | None = None) -> bool:
-    """Start the compile if needed and wait for it; True when the compiled path is usable."""
+    """Start the compile if needed, wait for it, and switch this process to the compiled path;
+    True when it is in use."""
     return _loader.kernels(wait=True, timeout=timeout) is not None
 
 
 def status() -> str:
-    """'ready', 'compiling', 'unavailable: <why>' or 'not started'."""
+    """'ready', 'compiling', 'torch for this process (compiled for later ones)',
+    'unavailable: <why>' or 'not started'."""
     return _loader.status()
 
 
@@ -165,6 +185,110 @@ def _check_payload(name, tensors, shape):
     if got != expected or any(t.device.type != "cpu" for t in tensors):
         raise ValueError(f"cpu {name}: payload tensors {got} do not match the layout {expected} of shape {shape}")
 
+
+
+# ---- block API: code into a send buffer, decode out of a receive buffer ---------------------
+
+_BLOCK_BITS = {"int8": 8, "int4": 4, "int2": 2, "1bit": 1}
+
+
+def block_nbytes(codec_name: str, N: int, C: int) -> int:
+    """Bytes of one message of an (N, C) tensor in a block (= the codec's payload_nbytes)."""
+    bits = _BLOCK_BITS[codec_name]
+    B = -(-C * bits // 8)
+    return N * B + 2 * (N + C if bits == 1 else N)
+
+
+def _block_args(where, codec_name, t3, wire2, offset, skip):
+    """Checks shared by encode_block / decode_block; (bits, L, N, C, nbytes, offset, skip, kind)."""
+    bits = _BLOCK_BITS.get(codec_name)
+    if bits is None:
+        _check_name(codec_name)
+    kind = _KIND.get(t3.dtype)
+    if kind is None or t3.dim() != 3 or not t3.is_cpu or not t3.is_contiguous():
+        raise ValueError(f"cpu {where}: expected a contiguous 3-D (links, N, C) float16/bfloat16/float32 "
+                         f"CPU tensor, got {t3.dtype} of shape {tuple(t3.shape)} on {t3.device}"
+                         + ("" if t3.is_contiguous() else " (not contiguous)"))
+    L, N, C = t3.shape
+    if wire2.dtype != torch.uint8 or wire2.dim() != 2 or not wire2.is_cpu or not wire2.is_contiguous():
+        raise ValueError(f"cpu {where}: the wire must be a contiguous 2-D uint8 CPU tensor (links, bytes), "
+                         f"got {wire2.dtype} of shape {tuple(wire2.shape)} on {wire2.device}")
+    nbytes = wire2.shape[1]
+    if type(offset) is not int:
+        offset = operator.index(offset)
+    if type(skip) is not int:
+        skip = operator.index(skip)
+    if wire2.shape[0] != L or N < 1 or C < 1:
+        raise ValueError(f"cpu {where}: the wire has {wire2.shape[0]} rows (links) for a tensor of shape "
+                         f"{(L, N, C)}; expected {L} rows and N, C >= 1")
+    need = N * -(-C * bits // 8) + 2 * (N + C if bits == 1 else N)
+    if offset < 0 or offset + need > nbytes:
+        raise ValueError(f"cpu {where}: a {codec_name} message of ({N}, {C}) takes {need} bytes: offset {offset} "
+                         f"does not fit the wire's {nbytes} bytes per link")
+    if skip < -1 or skip >= L:
+        raise ValueError(f"cpu {where}: skip must be -1 or a link in [0, {L}), got {skip}")
+    return bits, L, N, C, nbytes, offset, skip, kind
+
+
+def _same(where, what, t, ref):
+    if t.dtype != ref.dtype or t.shape != ref.shape or not t.is_cpu or not t.is_contiguous():
+        raise ValueError(f"cpu {where}: {what} must be a contiguous CPU tensor like x ({ref.dtype}, "
+                         f"{tuple(ref.shape)}), got {t.dtype} of shape {tuple(t.shape)} on {t.device}"
+                         + ("" if t.is_contiguous() else " (not contiguous)"))
+
+
+def encode_block(codec_name, x3, base3, wire2, offset, skip, residual, error_feedback=True) -> None:
+    """Code x3[l] (plain) or x3[l] - base3[l] (residual) into wire2[l, offset:offset + P] for every
+    link l != skip, in one compiled call (P = the codec's payload_nbytes((N, C), dtype)).
+
+    x3, base3: contiguous (L, N, C) CPU tensors of one float dtype (base3 may be None when plain);
+    wire2: contiguous (L, nbytes) uint8. Residual: base3[l] is updated in place as
+    encode_residual does (error_feedback: base + deq; else: x). A row of x3[l] with a NaN or an
+    infinity is coded as a zero residual (its cache row becomes base + 0.0, or stays as it was
+    without error feedback) and its scale (1bit: t) bytes carry the bf16 NaN 0x7FC0 instead."""
+    bits, L, N, C, nbytes, offset, skip, kind = _block_args("encode_block", codec_name, x3, wire2, offset, skip)
+    if residual:
+        if base3 is None:
+            raise ValueError("cpu encode_block: residual coding needs base3 (the cache)")
+        if base3 is not x3:
+            _same("encode_block", "base3", base3, x3)
+        pb = base3.data_ptr()
+        residual = True
+    else:
+        pb = x3.data_ptr()
+        residual = False
+    K = _loader._module or _compiled()
+    K.encode_block_ptr(x3.data_ptr(), pb, wire2.data_ptr(), L, N, C, nbytes, offset, skip, kind, bits,
+                       residual, bool(error_feedback))
+
+
+def decode_block(codec_name, wire2, offset, base3, out3, skip, residual, src3=None) -> None:
+    """Decode wire2[l, offset:] into out3[l] for every link l != skip, in one compiled call.
+
+    Plain: out3[l] <- deq cast to out3's dtype (base3 may be None). Residual: base3[l] <-
+    base3[l] + deq (as decode_residual) and out3[l] <- base3[l]. A row whose scale (1bit: t) is a
+    NaN is decoded with scale +0.0 and its out3 row set to the dtype's quiet NaN. With src3,
+    out3[skip] <- src3[skip]; otherwise out3[skip] is left alone."""
+    bits, L, N, C, nbytes, offset, skip, kind = _block_args("decode_block", codec_name, out3, wire2, offset, skip)
+    po = out3.data_ptr()
+    if residual:
+        if base3 is None:
+            raise ValueError("cpu decode_block: residual decoding needs base3 (the cache)")
+        if base3 is not out3:
+            _same("decode_block", "base3", base3, out3)
+        pb = base3.data_ptr()
+        residual = True
+    else:
+        pb = po
+        residual = False
+    if src3 is None:
+        ps, has_src = po, False
+    else:
+        if src3 is not out3:
+            _same("decode_block", "src3", src3, out3)
+        ps, has_src = src3.data_ptr(), skip >= 0
+    K = _loader._module or _compiled()
+    K.decode_block_ptr(wire2.data_ptr(), pb, po, ps, L, N, C, nbytes, offset, skip, kind, bits, residual, has_src)
 
 
 # ---- Payload-level API (what the codec base class calls) --------------------------------------

@@ -22,7 +22,7 @@ the rows, then the coding pass.
 """
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.extending import intrinsic, overload
 
 _JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)
@@ -497,3 +497,354 @@ def onebit_decode(data, m, t, out, kind, residual):
             for c in range(C):
                 v[c] = bf[c] + v[c]
         store_row(out, n, kind, v)
+
+
+# ---- block kernels: code into / decode out of a (links, bytes) wire buffer -----------------------
+#
+# wire[l, offset:offset + P] is the message of link l (P = payload_nbytes((N, C), dtype)): the
+# packed rows (N x B bytes), then the scales as little-endian bf16 bytes, int8/int4/int2: s (N,);
+# 1bit: m (C,) then t (N,). offset may be odd, so scales are written and read byte by byte.
+# Per message the arithmetic is that of row_encode / onebit_encode above (the same helpers, in
+# the same order), with one addition: a row of x holding a NaN or an infinity is coded as a zero
+# residual and its scale (1bit: t) bytes are then replaced by the bf16 quiet NaN 0x7FC0. The
+# receiver decodes such a row with scale +0.0 (caches stay equal and finite) and writes NaN to
+# its output row. `bits` is 8, 4, 2 or 1 (1: the 1bit codec).
+
+NAN_MARK = 0x7FC0
+
+
+def fill_nan_row(dst, n, kind):
+    """Row n of dst = the dtype's canonical quiet NaN (what torch's masked_fill_ with nan writes)."""
+
+
+@overload(fill_nan_row, jit_options=_JIT)
+def _fill_nan_row_impl(dst, n, kind):
+    if dst.dtype == types.float32:
+        def fill_f32(dst, n, kind):
+            v = f32_from_bits(np.uint32(0x7FC00000))
+            for c in range(dst.shape[1]):
+                dst[n, c] = v
+        return fill_f32
+
+    def fill_16(dst, n, kind):
+        h = np.uint16(0x7E00) if kind == 1 else np.uint16(0x7FC0)
+        for c in range(dst.shape[1]):
+            dst[n, c] = h
+    return fill_16
+
+
+@njit(**_INLINE)
+def _put_bf16(w, pos, h):
+    w[pos] = np.uint8(h & 0xFF)
+    w[pos + 1] = np.uint8((h >> 8) & 0xFF)
+
+
+@njit(**_INLINE)
+def _get_bf16(w, pos):
+    return np.uint16(np.uint16(w[pos]) | (np.uint16(w[pos + 1]) << np.uint16(8)))
+
+
+@njit(**_INLINE)
+def _scale_or_zero(h):
+    """A received scale as float32; a NaN scale (the non-finite row mark) reads as +0.0."""
+    if (h & np.uint16(0x7FFF)) > np.uint16(0x7F80):
+        return F32_ZERO, True
+    return bf16_to_f32(h), False
+
+
+@njit(**_JIT)
+def _pack_at(codes, bits, w, pos, B):
+    """_pack into the bytes w[pos:pos + B] (through a slice: its indices are known non-negative,
+    so numba emits no wraparound selects and the loops vectorise)."""
+    d = w[pos:pos + B]
+    if bits == 8:
+        for j in range(B):
+            d[j] = codes[j]
+    elif bits == 4:
+        for j in range(B):
+            d[j] = codes[2 * j] | (codes[2 * j + 1] << np.uint8(4))
+    elif bits == 2:
+        for j in range(B):
+            d[j] = (codes[4 * j] | (codes[4 * j + 1] << np.uint8(2))
+                    | (codes[4 * j + 2] << np.uint8(4)) | (codes[4 * j + 3] << np.uint8(6)))
+    else:
+        for j in range(B):
+            b = np.uint8(0)
+            for i in range(8):
+                b |= codes[8 * j + i] << np.uint8(i)
+            d[j] = b
+
+
+@njit(**_JIT)
+def _unpack_at(w, pos, B, bits, codes):
+    """_unpack from the bytes w[pos:pos + B]."""
+    d = w[pos:pos + B]
+    if bits == 8:
+        for j in range(B):
+            codes[j] = d[j]
+    elif bits == 4:
+        for j in range(B):
+            b = d[j]
+            codes[2 * j] = b & np.uint8(15)
+            codes[2 * j + 1] = b >> np.uint8(4)
+    elif bits == 2:
+        for j in range(B):
+            b = d[j]
+            codes[4 * j] = b & np.uint8(3)
+            codes[4 * j + 1] = (b >> np.uint8(2)) & np.uint8(3)
+            codes[4 * j + 2] = (b >> np.uint8(4)) & np.uint8(3)
+            codes[4 * j + 3] = b >> np.uint8(6)
+    else:
+        for j in range(B):
+            b = d[j]
+            for i in range(8):
+                codes[8 * j + i] = (b >> np.uint8(i)) & np.uint8(1)
+
+
+@njit(**_INLINE)
+def _residual_row(x, base, n, kind, residual, xf, bf, r):
+    """r = row n of x (plain) or of x - base (residual; bf = the cache row), in float32; a row of
+    x with a NaN or an infinity gives r = +0.0 (bf still loaded). Returns whether it did.
+
+    The test rides along the subtraction: (bits & exponent mask) + 2**23 reaches bit 31 only for
+    an exponent of all ones (inf, NaN), and the OR of those words is an integer reduction."""
+    C = r.shape[0]
+    load_row(x, n, kind, xf)
+    acc = np.uint32(0)
+    if residual:
+        load_row(base, n, kind, bf)
+        for c in range(C):
+            v = xf[c]
+            r[c] = v - bf[c]
+            acc |= (f32_bits(v) & np.uint32(0x7F800000)) + np.uint32(0x00800000)
+    else:
+        for c in range(C):
+            v = xf[c]
+            r[c] = v
+            acc |= (f32_bits(v) & np.uint32(0x7F800000)) + np.uint32(0x00800000)
+    if acc & np.uint32(0x80000000):
+        for c in range(C):
+            r[c] = F32_ZERO
+        return True
+    return False
+
+
+@njit(**_JIT)
+def _encode_link(x, base, w, pos, kind, bits, residual, ef, xf, bf, r, codes):
+    """One int8/int4/int2 message: row_encode's arithmetic, written at w[pos:]."""
+    N, C = x.shape
+    k = 8 // bits
+    B = (C + k - 1) // k
+    mean_step = bits == 2
+    qmax = (1 << (bits - 1)) - 1
+    offset = 2 if mean_step else qmax + 1
+    cview = codes[:C]
+    spos = pos + N * B
+    for n in range(N):
+        bad = _residual_row(x, base, n, kind, residual, xf, bf, r)
+        if mean_step:
+            d = bf16_round((np.float32(_abs_sum(r)) / np.float32(C)) * F32_1P25)
+            sbits = bf16_bits(d)
+            _code_int2(r, d, cview)
+            s = d
+        else:
+            s, sbits = _row_scale_absmax(r, qmax)
+            _code_absmax(r, s, qmax, offset, cview)
+        _put_bf16(w, spos + 2 * n, np.uint16(NAN_MARK) if bad else sbits)
+        _pack_at(codes, bits, w, pos + n * B, B)
+        if residual:
+            if ef:
+                _deq_row(cview, s, offset, mean_step, r)
+                for c in range(C):
+                    r[c] = bf[c] + r[c]
+                store_row(base, n, kind, r)
+            elif not bad:
+                for c in range(C):
+                    base[n, c] = x[n, c]
+
+
+@njit(**_JIT)
+def _encode_link_onebit(x, base, w, pos, kind, residual, ef, xf, bf, r, codes, colsum, tt, bad):
+    """One 1bit message: onebit_encode's arithmetic (statistics over this link's rows), at w[pos:]."""
+    N, C = x.shape
+    B = (C + 7) // 8
+    cview = codes[:C]
+    fC = np.float32(C)
+    fN = np.float32(N)
+    mpos = pos + N * B
+    tpos = mpos + 2 * C
+    for c in range(C):
+        colsum[c] = 0.0
+    ttsum = 0.0
+    for n in range(N):
+        bad[n] = _residual_row(x, base, n, kind, residual, xf, bf, r)
+        for c in range(C):
+            colsum[c] += abs(r[c])
+        tt[n] = np.float32(_abs_sum(r)) / fC
+        ttsum += tt[n]
+    mf = xf  # the row buffers are free between the passes; xf holds m as float32 from here on
+    for c in range(C):
+        mc = bf16_round(np.float32(colsum[c]) / fN)
+        mf[c] = mc
+        _put_bf16(w, mpos + 2 * c, bf16_bits(mc))
+    tbar = np.float32(ttsum) / fN
+    for n in range(N):
+        if tbar > F32_ZERO:
+            tn = bf16_round(tt[n] / tbar)
+        else:
+            tn = F32_ZERO
+        _put_bf16(w, tpos + 2 * n, np.uint16(NAN_MARK) if bad[n] else bf16_bits(tn))
+        if residual:
+            load_row(base, n, kind, bf)
+        if bad[n]:
+            for c in range(C):
+                r[c] = F32_ZERO
+        else:
+            load_row(x, n, kind, r)
+            if residual:
+                for c in range(C):
+                    r[c] = r[c] - bf[c]
+        _signs(r, cview)
+        _pack_at(codes, 1, w, pos + n * B, B)
+        if residual:
+            if ef:
+                _deq_onebit(cview, mf, tn, r)
+                for c in range(C):
+                    r[c] = bf[c] + r[c]
+                store_row(base, n, kind, r)
+            elif not bad[n]:
+                for c in range(C):
+                    base[n, c] = x[n, c]
+
+
+@njit(**_JIT)
+def encode_block(x3, base3, wire, offset, skip, kind, bits, residual, ef):
+    """For each link l != skip: code x3[l] (plain) or x3[l] - base3[l] (residual; base3[l] updated
+    as row_encode / onebit_encode do) into wire[l, offset:offset + P].
+
+    x3, base3: (L, N, C) float32 or uint16 bits of `kind`; wire (L, nbytes) uint8; bits 8/4/2/1."""
+    L, N, C = x3.shape
+    xf = np.empty(C, np.float32)
+    bf = np.empty(C, np.float32)
+    r = np.empty(C, np.float32)
+    k = 8 // bits
+    codes = np.zeros(((C + k - 1) // k) * k, np.uint8)
+    colsum = np.empty(C if bits == 1 else 0, np.float64)  # 1bit's statistics
+    tt = np.empty(N if bits == 1 else 0, np.float32)
+    bad = np.empty(N if bits == 1 else 0, np.bool_)
+    for l in range(L):
+        if l == skip:
+            continue
+        if bits == 1:
+            _encode_link_onebit(x3[l], base3[l], wire[l], offset, kind, residual, ef,
+                                xf, bf, r, codes, colsum, tt, bad)
+        else:
+            _encode_link(x3[l], base3[l], wire[l], offset, kind, bits, residual, ef, xf, bf, r, codes)
+
+
+@njit(**_JIT)
+def _decode_link(w, pos, base, out, kind, bits, residual, codes, v, bf, mf):
+    """One message of w[pos:] decoded: as row_decode / onebit_decode, the cache into base (residual)
+    and the result into out; a row with a NaN scale (1bit: t) decodes with scale +0.0 and its out
+    row is NaN."""
+    N, C = out.shape
+    k = 8 // bits
+    B = (C + k - 1) // k
+    cview = codes[:C]
+    spos = pos + N * B
+    mean_step = bits == 2
+    offset = 2 if mean_step else (1 << (bits - 1))
+    if bits == 1:  # m (C,) precedes t (N,)
+        for c in range(C):
+            mf[c] = bf16_to_f32(_get_bf16(w, spos + 2 * c))
+        spos += 2 * C
+    for n in range(N):
+        _unpack_at(w, pos + n * B, B, bits, codes)
+        s, marked = _scale_or_zero(_get_bf16(w, spos + 2 * n))
+        if bits == 1:
+            _deq_onebit(cview, mf, s, v)
+        else:
+            _deq_row(cview, s, offset, mean_step, v)
+        if residual:
+            load_row(base, n, kind, bf)
+            for c in range(C):
+                v[c] = bf[c] + v[c]
+            store_row(base, n, kind, v)
+            if marked:
+                fill_nan_row(out, n, kind)
+            else:
+                for c in range(C):
+                    out[n, c] = base[n, c]
+        elif marked:
+            fill_nan_row(out, n, kind)
+        else:
+            store_row(out, n, kind, v)
+
+
+@njit(**_JIT)
+def decode_block(wire, offset, base3, out3, src3, has_src, skip, kind, bits, residual):
+    """For each link l != skip: decode wire[l, offset:] into out3[l] (plain: deq cast to the dtype;
+    residual: base3[l] <- base3[l] + deq, and out3[l] <- that). With has_src, out3[skip] <- src3[skip]."""
+    L, N, C = out3.shape
+    k = 8 // bits
+    codes = np.empty(((C + k - 1) // k) * k, np.uint8)
+    v = np.empty(C, np.float32)
+    bf = np.empty(C, np.float32)
+    mf = np.empty(C, np.float32)
+    for l in range(L):
+        if l == skip:
+            if has_src:
+                o = out3[l]
+                s = src3[l]
+                for n in range(N):
+                    for c in range(C):
+                        o[n, c] = s[n, c]
+            continue
+        _decode_link(wire[l], offset, base3[l], out3[l], kind, bits, residual, codes, v, bf, mf)
+
+
+# Entry points on raw addresses: the tensor wrappers pass data_ptr()s and sizes (plain ints), which
+# costs far less per call than numpy views of the tensors. The wrappers have checked every shape,
+# dtype, contiguity and bound; kind 0 reads float32, kinds 1 and 2 uint16.
+
+def _ptr_intrinsic(dtype):
+    @intrinsic
+    def as_ptr(typingctx, addr):
+        if not isinstance(addr, types.Integer):
+            return None
+        ptr_type = types.CPointer(dtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptr_type))
+
+        return ptr_type(addr), codegen
+    return as_ptr
+
+
+_f32_ptr = _ptr_intrinsic(types.float32)
+_u16_ptr = _ptr_intrinsic(types.uint16)
+_u8_ptr = _ptr_intrinsic(types.uint8)
+
+
+@njit(**_JIT)
+def encode_block_ptr(px, pb, pw, L, N, C, nbytes, offset, skip, kind, bits, residual, ef):
+    """encode_block on the arrays at these addresses (x, base: (L, N, C); wire: (L, nbytes))."""
+    wire = carray(_u8_ptr(pw), (L, nbytes))
+    if kind == 0:
+        encode_block(carray(_f32_ptr(px), (L, N, C)), carray(_f32_ptr(pb), (L, N, C)), wire,
+                     offset, skip, kind, bits, residual, ef)
+    else:
+        encode_block(carray(_u16_ptr(px), (L, N, C)), carray(_u16_ptr(pb), (L, N, C)), wire,
+                     offset, skip, kind, bits, residual, ef)
+
+
+@njit(**_JIT)
+def decode_block_ptr(pw, pb, po, ps, L, N, C, nbytes, offset, skip, kind, bits, residual, has_src):
+    """decode_block on the arrays at these addresses (wire: (L, nbytes); base, out, src: (L, N, C))."""
+    wire = carray(_u8_ptr(pw), (L, nbytes))
+    if kind == 0:
+        decode_block(wire, offset, carray(_f32_ptr(pb), (L, N, C)), carray(_f32_ptr(po), (L, N, C)),
+                     carray(_f32_ptr(ps), (L, N, C)), has_src, skip, kind, bits, residual)
+    else:
+        decode_block(wire, offset, carray(_u16_ptr(pb), (L, N, C)), carray(_u16_ptr(po), (L, N, C)),
+                     carray(_u16_ptr(ps), (L, N, C)), has_src, skip, kind, bits, residual)
