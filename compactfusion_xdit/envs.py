@@ -10,7 +10,7 @@
 | ``CFX_COMM_TIMEOUT_S`` | `reliability.liveness` | seconds a collective may wait before the rank gives up (default 600) |
 | ``CFX_DEBUG`` | `rank.serving` (both rank programs), `cli.torchrun` | ``1``: show tracebacks and torchrun's own report instead of one-line errors |
 | ``CFX_FAULT`` | `reliability.faults` | inject a failure at a scheduler step (tests), e.g. ``exit:1:3`` |
-| ``CFX_CPU_KERNELS`` | `codecs` | ``1``: code on CPU with the compiled numba kernels (`codecs.cpu`; needs the ``cpu-kernels`` extra) |
+| ``CFX_CPU_KERNELS`` | `codecs` | ``0``: code on CPU with the torch reference, not the compiled numba kernels (`codecs.cpu`, on by default once compiled) |
 | ``CFX_FORCE_TORCH`` | `codecs` | ``1``: use the torch reference codecs even where fused kernels exist |
 | ``CFX_LAUNCHER_PID`` | `reliability.orphans` | set by the launchers for torchrun and its ranks; a rank started after the launcher died exits at once |
 """

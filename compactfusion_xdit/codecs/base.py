@@ -36,7 +36,7 @@ class Codec:
     and its dequantisation (`_decode_values`). The base class provides plain and residual
     coding; it hands the quantising codecs to fused kernels that produce the same payloads and
     caches: Triton on CUDA (`compactfusion_xdit.codecs.fused`), numba on CPU
-    (`compactfusion_xdit.codecs.cpu`).
+    (`compactfusion_xdit.codecs.cpu`, on by default).
 
         c = codecs.get("int4"); p = c.encode(x); y = c.decode(p)      # plain
         p = c.encode_residual(x, base)   # sender: codes x - base, base <- reconstruction
@@ -240,14 +240,15 @@ def _fused_backend(name: str, x: torch.Tensor):
     """The fused module that takes this call, or None: the torch reference runs.
 
     CUDA tensors (and CPU ones under Triton's interpreter, TRITON_INTERPRET=1): `codecs.fused`
-    (Triton) when triton imports. Other CPU tensors, with CFX_CPU_KERNELS=1: `codecs.cpu`
-    (numba-compiled) once its kernels are compiled (the first call starts that in the background). None when
-    CFX_FORCE_TORCH=1, for codecs without fused kernels, or where the backend is unavailable.
+    (Triton) when triton imports. Other CPU tensors: `codecs.cpu` (numba-compiled) when this
+    process decided for it at its first call (see `codecs.cpu._loader`; CFX_CPU_KERNELS=0 turns it
+    off). None when CFX_FORCE_TORCH=1, for codecs without fused kernels, or where the backend is
+    unavailable.
     """
     if _force_torch():
         return None
     if x.is_cpu and not _interpreting():
-        if not envs.flag(envs.CPU_KERNELS):  # opt-in until the switch-over cannot change a payload mid-run
+        if envs.get(envs.CPU_KERNELS) == "0":
             return None
         cpu = _cpu_backend()
         return cpu if cpu is not None and cpu.takes(name, x) else None

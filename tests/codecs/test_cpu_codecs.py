@@ -52,7 +52,7 @@ def compiled():
 
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch):
-    monkeypatch.setenv("CFX_CPU_KERNELS", "1")  # the compiled CPU path is opt-in
+    monkeypatch.delenv("CFX_CPU_KERNELS", raising=False)  # on by default
     monkeypatch.delenv("CFX_FORCE_TORCH", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
@@ -288,35 +288,13 @@ def test_a_missing_numba_is_said_once_and_the_torch_path_takes_over(monkeypatch)
     assert cpu.status().startswith("unavailable")
 
 
-def test_the_first_call_does_not_wait_for_the_compile(monkeypatch):
-    """While the kernels compile, calls return at once on the torch path; then the compiled path."""
-    _fresh_loader(monkeypatch)
-    release = threading.Event()
-
-    def slow_prepare():
-        release.wait(30)
-        _loader._module = "kernels"  # a stand-in: only readiness is tested here
-        _loader._done.set()
-
-    monkeypatch.setattr(_loader, "_prepare", slow_prepare)
-    if not HAS_NUMBA:
-        monkeypatch.setattr(_loader.importlib.util, "find_spec", lambda name, *a: object())
-    x = torch.randn(5, 7)
-    assert codec_base._fused_backend("int4", x) is None
-    assert cpu.status() == "compiling"
-    p = codecs.get("int4").encode_residual(x, torch.zeros(5, 7))  # served by the torch path
-    assert p.tensors[0].shape == (5, 4)
-    release.set()
-    assert cpu.ensure_compiled(timeout=10)
-    assert codec_base._fused_backend("int4", x) is cpu
-
-
-def test_the_compiled_cpu_path_is_opt_in(monkeypatch):
+def test_cfx_cpu_kernels_0_keeps_the_codec_base_on_torch(monkeypatch):
     from compactfusion_xdit.codecs import base
 
     def no_backend():
-        raise AssertionError("the compiled CPU path was consulted without CFX_CPU_KERNELS=1")
+        raise AssertionError("the compiled CPU path was consulted with CFX_CPU_KERNELS=0")
 
-    monkeypatch.delenv("CFX_CPU_KERNELS")
+    monkeypatch.setenv("CFX_CPU_KERNELS", "0")
     monkeypatch.setattr(base, "_cpu_backend", no_backend)
     assert base._fused_backend("int4", torch.randn(8, 16)) is None
+    assert base._block_backend("int4", torch.randn(2, 8, 16)) is None

@@ -237,7 +237,7 @@ def _same(where, what, t, ref):
                          + ("" if t.is_contiguous() else " (not contiguous)"))
 
 
-def encode_block(codec_name, x3, base3, wire2, offset, skip, residual, error_feedback=True) -> None:
+def encode_block(codec_name, x3, base3, wire2, offset, skip, residual, error_feedback=True) -> int:
     """Code x3[l] (plain) or x3[l] - base3[l] (residual) into wire2[l, offset:offset + P] for every
     link l != skip, in one compiled call (P = the codec's payload_nbytes((N, C), dtype)).
 
@@ -245,7 +245,8 @@ def encode_block(codec_name, x3, base3, wire2, offset, skip, residual, error_fee
     wire2: contiguous (L, nbytes) uint8. Residual: base3[l] is updated in place as
     encode_residual does (error_feedback: base + deq; else: x). A row of x3[l] with a NaN or an
     infinity is coded as a zero residual (its cache row becomes base + 0.0, or stays as it was
-    without error feedback) and its scale (1bit: t) bytes carry the bf16 NaN 0x7FC0 instead."""
+    without error feedback) and its scale (1bit: t) bytes carry the bf16 NaN 0x7FC0 instead.
+    Returns the number of such rows."""
     bits, L, N, C, nbytes, offset, skip, kind = _block_args("encode_block", codec_name, x3, wire2, offset, skip)
     if residual:
         if base3 is None:
@@ -258,8 +259,8 @@ def encode_block(codec_name, x3, base3, wire2, offset, skip, residual, error_fee
         pb = x3.data_ptr()
         residual = False
     K = _loader._module or _compiled()
-    K.encode_block_ptr(x3.data_ptr(), pb, wire2.data_ptr(), L, N, C, nbytes, offset, skip, kind, bits,
-                       residual, bool(error_feedback))
+    return K.encode_block_ptr(x3.data_ptr(), pb, wire2.data_ptr(), L, N, C, nbytes, offset, skip, kind, bits,
+                              residual, bool(error_feedback))
 
 
 def decode_block(codec_name, wire2, offset, base3, out3, skip, residual, src3=None) -> None:

@@ -640,8 +640,10 @@ def _encode_link(x, base, w, pos, kind, bits, residual, ef, xf, bf, r, codes):
     offset = 2 if mean_step else qmax + 1
     cview = codes[:C]
     spos = pos + N * B
+    flagged = 0
     for n in range(N):
         bad = _residual_row(x, base, n, kind, residual, xf, bf, r)
+        flagged += bad
         if mean_step:
             d = bf16_round((np.float32(_abs_sum(r)) / np.float32(C)) * F32_1P25)
             sbits = bf16_bits(d)
@@ -661,6 +663,7 @@ def _encode_link(x, base, w, pos, kind, bits, residual, ef, xf, bf, r, codes):
             elif not bad:
                 for c in range(C):
                     base[n, c] = x[n, c]
+    return flagged
 
 
 @njit(**_JIT)
@@ -676,8 +679,10 @@ def _encode_link_onebit(x, base, w, pos, kind, residual, ef, xf, bf, r, codes, c
     for c in range(C):
         colsum[c] = 0.0
     ttsum = 0.0
+    flagged = 0
     for n in range(N):
         bad[n] = _residual_row(x, base, n, kind, residual, xf, bf, r)
+        flagged += bad[n]
         for c in range(C):
             colsum[c] += abs(r[c])
         tt[n] = np.float32(_abs_sum(r)) / fC
@@ -715,6 +720,7 @@ def _encode_link_onebit(x, base, w, pos, kind, residual, ef, xf, bf, r, codes, c
             elif not bad[n]:
                 for c in range(C):
                     base[n, c] = x[n, c]
+    return flagged
 
 
 @njit(**_JIT)
@@ -722,7 +728,8 @@ def encode_block(x3, base3, wire, offset, skip, kind, bits, residual, ef):
     """For each link l != skip: code x3[l] (plain) or x3[l] - base3[l] (residual; base3[l] updated
     as row_encode / onebit_encode do) into wire[l, offset:offset + P].
 
-    x3, base3: (L, N, C) float32 or uint16 bits of `kind`; wire (L, nbytes) uint8; bits 8/4/2/1."""
+    x3, base3: (L, N, C) float32 or uint16 bits of `kind`; wire (L, nbytes) uint8; bits 8/4/2/1.
+    Returns the number of rows marked non-finite."""
     L, N, C = x3.shape
     xf = np.empty(C, np.float32)
     bf = np.empty(C, np.float32)
@@ -732,14 +739,16 @@ def encode_block(x3, base3, wire, offset, skip, kind, bits, residual, ef):
     colsum = np.empty(C if bits == 1 else 0, np.float64)  # 1bit's statistics
     tt = np.empty(N if bits == 1 else 0, np.float32)
     bad = np.empty(N if bits == 1 else 0, np.bool_)
+    flagged = 0
     for l in range(L):
         if l == skip:
             continue
         if bits == 1:
-            _encode_link_onebit(x3[l], base3[l], wire[l], offset, kind, residual, ef,
-                                xf, bf, r, codes, colsum, tt, bad)
+            flagged += _encode_link_onebit(x3[l], base3[l], wire[l], offset, kind, residual, ef,
+                                           xf, bf, r, codes, colsum, tt, bad)
         else:
-            _encode_link(x3[l], base3[l], wire[l], offset, kind, bits, residual, ef, xf, bf, r, codes)
+            flagged += _encode_link(x3[l], base3[l], wire[l], offset, kind, bits, residual, ef, xf, bf, r, codes)
+    return flagged
 
 
 @njit(**_JIT)
@@ -831,11 +840,10 @@ def encode_block_ptr(px, pb, pw, L, N, C, nbytes, offset, skip, kind, bits, resi
     """encode_block on the arrays at these addresses (x, base: (L, N, C); wire: (L, nbytes))."""
     wire = carray(_u8_ptr(pw), (L, nbytes))
     if kind == 0:
-        encode_block(carray(_f32_ptr(px), (L, N, C)), carray(_f32_ptr(pb), (L, N, C)), wire,
-                     offset, skip, kind, bits, residual, ef)
-    else:
-        encode_block(carray(_u16_ptr(px), (L, N, C)), carray(_u16_ptr(pb), (L, N, C)), wire,
-                     offset, skip, kind, bits, residual, ef)
+        return encode_block(carray(_f32_ptr(px), (L, N, C)), carray(_f32_ptr(pb), (L, N, C)), wire,
+                            offset, skip, kind, bits, residual, ef)
+    return encode_block(carray(_u16_ptr(px), (L, N, C)), carray(_u16_ptr(pb), (L, N, C)), wire,
+                        offset, skip, kind, bits, residual, ef)
 
 
 @njit(**_JIT)
