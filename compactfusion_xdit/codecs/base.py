@@ -11,6 +11,8 @@ from compactfusion_xdit.codecs.payload import Payload
 from compactfusion_xdit.codecs.payload import check_base as _check_base
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: ``backend=`` default of the block calls: decide per call (`Codec.block_backend`).
+AUTO = object()
 
 
 def to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -148,8 +150,14 @@ class Codec:
         base.copy_(saturate_(total, base.dtype))
 
     # --- messages in wire buffers -------------------------------------------------------------
+    def block_backend(self, x3: torch.Tensor):
+        """What codes (L, N, C) blocks like x3 in this process: the compiled module, or None for the
+        torch reference. A caller that codes the same blocks every step may decide once and pass
+        it as ``backend=`` to `encode_block` / `decode_block`."""
+        return _block_backend(self.name, x3)
+
     def encode_block(self, x3: torch.Tensor, base3: torch.Tensor | None, wire2: torch.Tensor, offset: int,
-                     residual: bool, error_feedback: bool = True):
+                     residual: bool, error_feedback: bool = True, backend=AUTO):
         """Code x3[l] (L, N, C) into wire2[l, offset:offset + payload_nbytes((N, C))] for every l.
 
         residual: codes x3[l] - base3[l] and updates the cache base3[l] like `encode_residual`;
@@ -158,7 +166,8 @@ class Codec:
         Returns the number of such rows (an int, or a 0-d tensor on x3's device: no host sync).
         The compiled CPU kernels take the call when they can (same bytes and caches).
         """
-        backend = _block_backend(self.name, x3)
+        if backend is AUTO:
+            backend = _block_backend(self.name, x3)
         if backend is not None:
             return backend.encode_block(self.name, x3, base3, wire2, offset, -1, residual, error_feedback)
         L, N, C = x3.shape
@@ -184,13 +193,14 @@ class Codec:
         return bad.sum()
 
     def decode_block(self, wire2: torch.Tensor, offset: int, base3: torch.Tensor | None, out3: torch.Tensor,
-                     residual: bool) -> None:
+                     residual: bool, backend=AUTO) -> None:
         """The receiving side of `encode_block`: out3[l] <- what wire2[l, offset:...] codes.
 
         residual: base3[l] <- base3[l] + deq (in place, bitwise like the sender) and out3[l] <- it;
         plain: out3[l] <- deq. Rows marked non-finite keep their cache value and come out as NaN.
         """
-        backend = _block_backend(self.name, out3)
+        if backend is AUTO:
+            backend = _block_backend(self.name, out3)
         if backend is not None:
             backend.decode_block(self.name, wire2, offset, base3, out3, -1, residual)
             return
@@ -219,6 +229,20 @@ class Codec:
             if bad is not None:
                 out2[rows].masked_fill_(bad[:, None], float("nan"))
 
+    def prepare_block(self, links: int, start: int, shape2: tuple[int, int], dtype: torch.dtype,
+                      base3: torch.Tensor | None, wire2: torch.Tensor, offset: int, residual: bool,
+                      error_feedback: bool = True, backend=AUTO):
+        """`encode_block` / `decode_block` of fixed links, prepared once: the returned object's
+        ``encode(x)`` codes links ``start .. start + links - 1`` of x (contiguous, viewed as
+        (W, *shape2)) into `wire2` at `offset` (caches `base3`), ``decode(out)`` decodes them into
+        out. The compiled CPU path then costs one pointer per call; the torch path makes views."""
+        if backend is AUTO:
+            backend = _block_backend(self.name, wire2.new_empty((0, 1, 1), dtype=dtype))
+        if backend is not None:
+            return backend.PreparedBlock(self.name, links, start, *shape2, dtype, base3, wire2, offset, residual,
+                                         error_feedback)
+        return _TorchBlock(self, links, start, shape2, base3, wire2, offset, residual, error_feedback)
+
     def _message_groups(self, count: int) -> list[tuple[int, int]]:
         """Ranges of messages coded by one codec call: all at once when rows code independently."""
         return [(0, count)] if self.rows_independent else [(i, i + 1) for i in range(count)]
@@ -230,10 +254,33 @@ class Codec:
         return f"<codec {self.name}>"
 
 
+class _TorchBlock:
+    """`Codec.prepare_block` on the torch path: views of x / out, then the block calls."""
+
+    def __init__(self, codec, links, start, shape2, base3, wire2, offset, residual, error_feedback) -> None:
+        self.codec, self.rows, self.shape2 = codec, slice(start, start + links), tuple(shape2)
+        self.base3, self.wire2, self.offset = base3, wire2, offset
+        self.residual, self.error_feedback = residual, error_feedback
+
+    def encode(self, x: torch.Tensor):
+        x3 = x.view(-1, *self.shape2)[self.rows]
+        return self.codec.encode_block(x3, self.base3, self.wire2, self.offset, self.residual, self.error_feedback,
+                                       backend=None)
+
+    def decode(self, out: torch.Tensor) -> None:
+        out3 = out.view(-1, *self.shape2)[self.rows]
+        self.codec.decode_block(self.wire2, self.offset, self.base3, out3, self.residual, backend=None)
+
+
 def _block_backend(name: str, x3: torch.Tensor):
-    """The compiled CPU module when it takes block calls for this codec and tensor, else None."""
-    backend = _fused_backend(name, x3[0]) if x3.dim() == 3 and x3.is_cpu and x3.shape[0] else None
-    return backend if backend is not None and hasattr(backend, "encode_block") else None
+    """The compiled CPU module when it takes block calls for this codec and tensor, else None
+    (the same decision as `_fused_backend`, without its per-call cost once the kernels are in)."""
+    if not x3.is_cpu or x3.dim() != 3 or _force_torch() or envs.get(envs.CPU_KERNELS) == "0" or _interpreting():
+        return None
+    cpu = _cpu_backend()
+    if cpu is None or name not in cpu.CPU_CODECS:
+        return None
+    return cpu if cpu.ready() else None
 
 
 def _fused_backend(name: str, x: torch.Tensor):

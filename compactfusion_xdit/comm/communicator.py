@@ -52,6 +52,7 @@ class CompressedCommunicator:
         self.group = group
         self.buffers = BufferPool()
         self._plans: dict[tuple, Any] = {}  # per exchange signature: links, sizes, offsets, buffers
+        self._group_ranks: dict[Any, tuple[list[int], int]] = {}
 
     # ----- helpers ------------------------------------------------------------------------------
     def _group(self, group: dist.ProcessGroup | None) -> dist.ProcessGroup:
@@ -59,10 +60,12 @@ class CompressedCommunicator:
             return group
         return self.group if self.group is not None else dist.group.WORLD
 
-    @staticmethod
-    def _ranks(group: dist.ProcessGroup) -> tuple[list[int], int]:
+    def _ranks(self, group: dist.ProcessGroup) -> tuple[list[int], int]:
         """Global ranks of the group (index = group rank) and this process's group rank."""
-        return dist.get_process_group_ranks(group), dist.get_rank(group)
+        found = self._group_ranks.get(group)
+        if found is None:
+            found = self._group_ranks[group] = (dist.get_process_group_ranks(group), dist.get_rank(group))
+        return found
 
     def release_buffers(self) -> None:
         """Free the pooled wire buffers and exchange plans (they are rebuilt on demand)."""
@@ -104,18 +107,18 @@ class CompressedCommunicator:
         dtype, device, state = xs[0].dtype, xs[0].device, self.state
         chunk_shapes = [(x.shape[0] // world, *x.shape[1:]) for x in xs]
         peers = [p for p in range(world) if p != me]
-        kinds = [state.message_kind(k, c, dtype) for k, c in zip(keys, chunk_shapes)]
+        signature = ("a2a", tuple(keys), tuple(chunk_shapes), dtype, device, id(g))
+        plan = self._plans.get(signature)
+        if plan is None:
+            plan = self._plans[signature] = _AllToAllPlan(self, keys, chunk_shapes, dtype, device, ranks, me)
+        choices, kinds, layout = plan.decide(state)
         outs = [torch.empty_like(x) for x in xs]
-        if all(k is MessageKind.CODED for k in kinds):
-            plan = self._a2a_plan(keys, chunk_shapes, dtype, device, ranks, me)
-            kinds = [MessageKind.SEED if state.choice(k)[0] == "residual" and not plan.cached(state, i) else kind
-                     for i, (k, kind) in enumerate(zip(keys, kinds))]
         if any(k is MessageKind.CODED for k in kinds):
             if len(set(kinds)) > 1:  # a mix (only with odd shapes): one collective per key
                 parts = [self.all_to_all_many([k], [x], g, async_op=True) for k, x in zip(keys, xs)]
                 result = Pending(parts, lambda: [p.wait()[0] for p in parts])
                 return result if async_op else result.wait()
-            return self._coded_all_to_all(keys, xs, outs, chunk_shapes, g, ranks, me, async_op)
+            return self._coded_all_to_all(plan, choices, layout, keys, xs, outs, g, me, async_op)
 
         # RAW / SEED: the tensors themselves, one block per destination
         sizes = [x.numel() // world for x in xs]
@@ -144,56 +147,30 @@ class CompressedCommunicator:
         pending = Pending([work], finish_raw, keep=(xs, send, recv))
         return pending if async_op else pending.wait()
 
-    def _coded_all_to_all(self, keys, xs, outs, chunk_shapes, g, ranks, me, async_op):
-        world, state, dtype, device = len(ranks), self.state, xs[0].dtype, xs[0].device
-        plan = self._a2a_plan(keys, chunk_shapes, dtype, device, ranks, me)
-        send, recv = plan.send, plan.recv
-        ef = state.config.error_feedback
+    def _coded_all_to_all(self, plan, choices, layout, keys, xs, outs, g, me, async_op):
+        state, world = self.state, len(plan.ranks)
         for i, key in enumerate(keys):
-            mode, codec = state.choice(key)
-            residual = mode == "residual"
-            x3 = xs[i].view(world, *plan.shapes2[i])
-            base = state.stacked("send", plan.send_links[i], chunk_shapes[i], dtype, device) if residual else None
-            if residual and base is None:
-                raise RuntimeError(f"residual channel {plan.send_links[i]!r} out of sync: coded step without caches")
             bad = 0
-            for lo, hi, at in plan.ranges:
-                bad = bad + codec.encode_block(x3[lo:hi], None if base is None else base[at:at + hi - lo],
-                                               send[lo:hi], plan.starts[i], residual, ef)
-            state.count_nonfinite(path_of(key), bad)
+            for coder in plan.coders(state, layout, i, "send"):
+                bad = bad + coder.encode(xs[i])
+            path = plan.paths[i]
+            state.count_nonfinite(path, bad)
             state.touched("send", plan.send_links[i])
-            state.record(path_of(key), MessageKind.CODED, (world - 1) * plan.chunk_nbytes[i],
-                         (world - 1) * plan.wire_sizes[i], world - 1)
-        work = dist.all_to_all_single(recv, send, group=g, async_op=True)
+            state.record(path, MessageKind.CODED, (world - 1) * plan.chunk_nbytes[i], (world - 1) * layout.wire_sizes[i],
+                         world - 1)
+        work = dist.all_to_all_single(layout.recv, layout.send, group=g, async_op=True)
 
         def finish_coded() -> list[torch.Tensor]:
-            for i, key in enumerate(keys):
-                mode, codec = state.choice(key)
-                residual = mode == "residual"
-                x3, out3 = xs[i].view(world, *plan.shapes2[i]), outs[i].view(world, *plan.shapes2[i])
-                base = state.stacked("recv", plan.recv_links[i], chunk_shapes[i], dtype, device) if residual else None
-                if residual and base is None:
-                    raise RuntimeError(f"residual channel {plan.recv_links[i]!r} out of sync: coded step without caches")
-                for lo, hi, at in plan.ranges:
-                    codec.decode_block(recv[lo:hi], plan.starts[i], None if base is None else base[at:at + hi - lo],
-                                       out3[lo:hi], residual)
-                out3[me].copy_(x3[me])
+            for i, (x, out) in enumerate(zip(xs, outs)):
+                for coder in plan.coders(state, layout, i, "recv"):
+                    coder.decode(out)
+                rows = x.shape[0] // world
+                out[me * rows:(me + 1) * rows].copy_(x[me * rows:(me + 1) * rows])
                 state.touched("recv", plan.recv_links[i])
             return outs
 
-        pending = Pending([work], finish_coded, keep=(xs, send, recv))
+        pending = Pending([work], finish_coded, keep=(xs, layout))
         return pending if async_op else pending.wait()
-
-    def _a2a_plan(self, keys, chunk_shapes, dtype, device, ranks, me) -> _AllToAllPlan:
-        codec_names = tuple(self.state.choice(k)[1].name for k in keys)  # a schedule may change codecs per step
-        return self._plan(("a2a", tuple(keys), tuple(chunk_shapes), dtype, device, tuple(ranks), me, codec_names),
-                          lambda: _AllToAllPlan(self, keys, chunk_shapes, dtype, device, ranks, me))
-
-    def _plan(self, signature: tuple, build):
-        plan = self._plans.get(signature)
-        if plan is None:
-            plan = self._plans[signature] = build()
-        return plan
 
     # ----- all-gather -----------------------------------------------------------------------------
     def all_gather(self, key: Hashable, x: torch.Tensor, group: dist.ProcessGroup | None = None,
@@ -406,29 +383,107 @@ def _rows(x2: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 
 class _AllToAllPlan:
-    """What a coded all-to-all of one signature (keys, chunk shapes, dtype, device, group, codecs)
-    needs at every step, built once: link keys per key and side (peers in rank order), wire sizes
-    and offsets of each key's message in a destination's block, and the pooled buffers (the own
-    row of the send buffer is never written and stays zero, so the wire is deterministic)."""
+    """What an all-to-all of one signature (keys, chunk shapes, dtype, device, group) needs at
+    every step, built once: link keys per key and side (peers in rank order), the peer ranges, and
+    per step the message kinds and codec choices (`decide`, memoised while the step and the
+    state's cache entries stay the same) with the wire layout of those codecs (`_WireLayout`)."""
 
     def __init__(self, comm: CompressedCommunicator, keys, chunk_shapes, dtype, device, ranks, me) -> None:
-        state, world = comm.state, len(ranks)
+        world = len(ranks)
         peers = [p for p in range(world) if p != me]
+        self.keys, self.ranks = list(keys), list(ranks)
+        self.paths = [path_of(k) for k in keys]
         self.send_links = [[link_key(k, ranks[me], ranks[p]) for p in peers] for k in keys]
         self.recv_links = [[link_key(k, ranks[p], ranks[me]) for p in peers] for k in keys]
         self.shapes2 = [shape_2d(c) for c in chunk_shapes]
-        self.wire_sizes = [state.wire_nbytes(c, dtype, k) for k, c in zip(keys, chunk_shapes)]
+        self.shapes3 = [(world, *s) for s in self.shapes2]
         self.chunk_nbytes = [math.prod(c) * dtype.itemsize for c in chunk_shapes]
-        self.starts = [sum(self.wire_sizes[:i]) for i in range(len(keys))]
         self.chunk_shapes = [tuple(c) for c in chunk_shapes]
         self.dtype, self.device = dtype, device
         self.ranges = peer_ranges(world, me)
-        total = sum(self.wire_sizes)
-        self.send = torch.zeros((world, total), dtype=torch.uint8, device=device)
-        self.recv = torch.empty((world, total), dtype=torch.uint8, device=device)
+        self.no_bases = [None] * len(self.ranges)
+        self._bases: dict[tuple[int, str], tuple[int, list]] = {}  # (key index, side) -> (generation, per range)
+        self._layouts: dict[tuple, _WireLayout] = {}  # per codec names
+        self._memo: tuple | None = None  # ((step, generation), decision)
+
+    def decide(self, state: ResidualState) -> tuple[list, list[MessageKind], _WireLayout | None]:
+        """(choices, kinds, layout) at the state's step: RAW/SEED/CODED per key (a residual key
+        whose caches are missing on this rank seeds), and the wire layout when all are coded."""
+        if self._memo is not None and self._memo[0] == (state.step, state.generation):
+            return self._memo[1]
+        kinds = [state.message_kind(k, c, self.dtype) for k, c in zip(self.keys, self.chunk_shapes)]
+        choices = [state.choice(k) for k in self.keys]
+        if all(k is MessageKind.CODED for k in kinds):
+            kinds = [MessageKind.SEED if mode == "residual" and not self.cached(state, i) else kind
+                     for i, ((mode, _), kind) in enumerate(zip(choices, kinds))]
+        layout = None
+        if kinds and all(k is MessageKind.CODED for k in kinds):
+            names = tuple(codec.name for _, codec in choices)
+            layout = self._layouts.get(names)
+            if layout is None:
+                layout = self._layouts[names] = _WireLayout(state, self, choices)
+        decision = (choices, kinds, layout)
+        self._memo = ((state.step, state.generation), decision)
+        return decision
+
+    def bases(self, state: ResidualState, i: int, side: str) -> list[torch.Tensor]:
+        """The caches of key i on `side`, one stacked slice per peer range; looked up again only
+        when the state's cache entries changed (`ResidualState.generation`)."""
+        found = self._bases.get((i, side))
+        if found is not None and found[0] == state.generation:
+            return found[1]
+        links = self.send_links[i] if side == "send" else self.recv_links[i]
+        stack = state.stacked(side, links, self.chunk_shapes[i], self.dtype, self.device)
+        if stack is None:
+            raise RuntimeError(f"residual channels {links!r} out of sync: a coded step without their caches")
+        parts = [stack[at:at + hi - lo] for lo, hi, at in self.ranges]
+        self._bases[(i, side)] = (state.generation, parts)
+        return parts
+
+    def coders(self, state: ResidualState, layout: _WireLayout, i: int, side: str) -> list:
+        """Key i's prepared block coders on `side` (`Codec.prepare_block`), one per peer range;
+        rebuilt only when the caches' entries changed."""
+        found = layout.coders.get((i, side))
+        if found is not None and found[0] == state.generation:
+            return found[1]
+        mode, codec = layout.choices[i]
+        residual = mode == "residual"
+        bases = self.bases(state, i, side) if residual else self.no_bases
+        parts = layout.send_parts if side == "send" else layout.recv_parts
+        coders = [codec.prepare_block(hi - lo, lo, self.shapes2[i], self.dtype, base, wire, layout.starts[i], residual,
+                                      state.config.error_feedback, backend=layout.backends[i])
+                  for (lo, hi, _), base, wire in zip(self.ranges, bases, parts)]
+        layout.coders[(i, side)] = (state.generation, coders)
+        return coders
 
     def cached(self, state: ResidualState, i: int) -> bool:
         """Whether every link of key i holds its caches on this rank (else the key seeds again)."""
-        shape, dtype, device = self.chunk_shapes[i], self.dtype, self.device
-        return (state.stacked("send", self.send_links[i], shape, dtype, device) is not None
-                and state.stacked("recv", self.recv_links[i], shape, dtype, device) is not None)
+        for side in ("send", "recv"):
+            found = self._bases.get((i, side))
+            if found is None or found[0] != state.generation:
+                try:
+                    self.bases(state, i, side)
+                except RuntimeError:
+                    return False
+        return True
+
+
+class _WireLayout:
+    """The wire of one coded all-to-all for one choice of codecs: each key's message size and
+    offset in a destination's block, the send/receive buffers (the own row of the send buffer is
+    never written and stays zero, so the bytes on the wire are deterministic), their per-range
+    slices, the block backend of each key (decided once) and the prepared coders.""" 
+
+    def __init__(self, state: ResidualState, plan: _AllToAllPlan, choices) -> None:
+        world = len(plan.ranks)
+        self.wire_sizes = [state.wire_nbytes(c, plan.dtype, k) for k, c in zip(plan.keys, plan.chunk_shapes)]
+        self.starts = [sum(self.wire_sizes[:i]) for i in range(len(plan.keys))]
+        total = sum(self.wire_sizes)
+        self.send = torch.zeros((world, total), dtype=torch.uint8, device=plan.device)
+        self.recv = torch.empty((world, total), dtype=torch.uint8, device=plan.device)
+        self.send_parts = [self.send[lo:hi] for lo, hi, _ in plan.ranges]
+        self.recv_parts = [self.recv[lo:hi] for lo, hi, _ in plan.ranges]
+        sample = torch.empty((1, *plan.shapes2[0]), dtype=plan.dtype, device=plan.device)
+        self.backends = [codec.block_backend(sample) for _, codec in choices]
+        self.choices = list(choices)
+        self.coders: dict[tuple[int, str], tuple[int, list]] = {}  # (key index, side) -> (generation, coders)

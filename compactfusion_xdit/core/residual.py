@@ -127,6 +127,9 @@ class ResidualState:
         #: Called as ``observer(side, link)`` after every message that may have updated that cache
         #: (`cache_history.CacheHistory` records checksums with it); None: nobody listens.
         self.observer: Callable[[str, Hashable], None] | None = None
+        #: Bumped whenever a cache entry is added, replaced or dropped (not when a cache's values
+        #: change in place): a communicator may keep what it looked up while it is unchanged.
+        self.generation = 0
 
     # ----- lifecycle -------------------------------------------------------------------------
     def begin_request(self) -> None:
@@ -135,6 +138,7 @@ class ResidualState:
         self._recv.clear()
         self._choices.clear()
         self.step = 0
+        self.generation += 1
 
     def set_step(self, step: int) -> None:
         """Set the denoising step index within the current request (0-based)."""
@@ -151,6 +155,7 @@ class ResidualState:
         else:
             self._send.pop(key, None)
             self._recv.pop(key, None)
+        self.generation += 1
 
     def reset_stats(self) -> None:
         self._stats.clear()
@@ -362,8 +367,8 @@ class ResidualState:
                 f"{have} (ask message_kind with the link first; both ends must see the same steps and resets)")
         return entry[0]
 
-    @staticmethod
-    def _register(table: dict, links: list, stack: torch.Tensor, shape: tuple[int, ...]) -> None:
+    def _register(self, table: dict, links: list, stack: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.generation += 1
         for i, link in enumerate(links):
             view = stack[i]
             view._cfx_stack, view._cfx_index = stack, i
@@ -376,3 +381,4 @@ class ResidualState:
             entry[0].copy_(value)
         else:
             side[link] = (value, tuple(x.shape))
+            self.generation += 1

@@ -65,6 +65,11 @@ def takes(codec_name: str, x: torch.Tensor) -> bool:
     return (_loader._module or _loader.kernels()) is not None
 
 
+def ready() -> bool:
+    """Whether this process codes CPU tensors with the kernels (the first call decides)."""
+    return (_loader._module or _loader.kernels()) is not None
+
+
 def ensure_compiled(timeout: float | None = None) -> bool:
     """Start the compile if needed, wait for it, and switch this process to the compiled path;
     True when it is in use."""
@@ -290,6 +295,65 @@ def decode_block(codec_name, wire2, offset, base3, out3, skip, residual, src3=No
         ps, has_src = src3.data_ptr(), skip >= 0
     K = _loader._module or _compiled()
     K.decode_block_ptr(wire2.data_ptr(), pb, po, ps, L, N, C, nbytes, offset, skip, kind, bits, residual, has_src)
+
+
+class PreparedBlock:
+    """`encode_block` / `decode_block` of fixed links, checked once: a communicator that codes
+    the same links into the same wire every step calls `encode(x)` / `decode(out)` with only the
+    tensor changing (its pointer, after a dtype and size check). x and out hold ``W`` links of
+    (N, C) rows contiguously; this block codes links ``start .. start + L - 1`` of them, with the
+    caches `base3` (L, N, C; None when plain) and the message bytes in `wire2` (L, nbytes) at
+    `offset`. The caller keeps base3 and wire2 alive and unmoved while it uses this object."""
+
+    __slots__ = ("dtype", "numel", "shift", "_enc", "_dec", "_kernels")
+
+    def __init__(self, codec_name, links: int, start: int, N: int, C: int, dtype: torch.dtype, base3, wire2,
+                 offset: int, residual: bool, error_feedback: bool = True) -> None:
+        probe = torch.empty((links, N, C), dtype=dtype, device="meta")
+        bits, L, N, C, nbytes, offset, _, kind = _block_args("PreparedBlock", codec_name, _Shape(probe), wire2, offset, -1)
+        if residual:
+            if base3 is None:
+                raise ValueError("cpu PreparedBlock: residual coding needs base3 (the cache)")
+            _same("PreparedBlock", "base3", base3, _Shape(probe))
+        pb = base3.data_ptr() if residual else 0
+        self.dtype, self.shift = dtype, start * N * C * dtype.itemsize
+        self.numel = (start + L) * N * C  # at least this many elements in x / out
+        pw = wire2.data_ptr()
+        self._enc = (pb, pw, L, N, C, nbytes, offset, -1, kind, bits, bool(residual), bool(error_feedback))
+        self._dec = (pw, pb, L, N, C, nbytes, offset, -1, kind, bits, bool(residual), False)
+        self._kernels = _loader._module or _compiled()
+
+    def _ptr(self, t: torch.Tensor) -> int:
+        if t.dtype is not self.dtype or t.numel() < self.numel or not t.is_contiguous() or not t.is_cpu:
+            raise ValueError(f"cpu PreparedBlock: expected a contiguous CPU {self.dtype} tensor of at least "
+                             f"{self.numel} elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        return t.data_ptr() + self.shift
+
+    def encode(self, x: torch.Tensor) -> int:
+        """Code the links from x; returns the rows marked non-finite."""
+        pb, pw, *rest = self._enc
+        px = self._ptr(x)
+        return self._kernels.encode_block_ptr(px, pb if pb else px, pw, *rest)
+
+    def decode(self, out: torch.Tensor) -> None:
+        """Decode the links into out (and advance the caches)."""
+        pw, pb, L, N, C, nbytes, offset, skip, kind, bits, residual, has_src = self._dec
+        po = self._ptr(out)
+        self._kernels.decode_block_ptr(pw, pb if pb else po, po, po, L, N, C, nbytes, offset, skip, kind, bits,
+                                       residual, has_src)
+
+
+class _Shape:
+    """What `_block_args` / `_same` read of a tensor, for a block described by shape alone."""
+
+    def __init__(self, probe: torch.Tensor) -> None:
+        self.dtype, self.shape, self.is_cpu = probe.dtype, probe.shape, True
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def is_contiguous(self) -> bool:
+        return True
 
 
 # ---- Payload-level API (what the codec base class calls) --------------------------------------
