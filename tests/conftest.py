@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The suite runs the codecs' torch reference path, in this process and in every rank it launches
+# (they inherit the environment): a rank on the compiled default would first load numba's kernels
+# (about a second each) or, on a fresh machine, start their minute-long build. The compiled path
+# has its own tests (tests/codecs/test_cpu_*.py, tests/comm/test_exchange_counts.py), which turn
+# it back on.
+os.environ.setdefault("CFX_CPU_KERNELS", "0")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from .lowrank import LowRankCodec
 from .onebit import OneBitCodec
 from .rowquant import AbsmaxCodec, Int2Codec
 
-__all__ = ["Codec", "Payload", "get", "names", "register", "unregister", "is_valid"]
+__all__ = ["Codec", "Payload", "get", "names", "register", "unregister", "is_valid", "prefetch"]
 
 _BUILTIN: dict[str, Callable[[], Codec]] = {
     "none": NoneCodec,
@@ -81,3 +81,12 @@ def register(name: str, factory: Callable[[], Codec], replace: bool = False) -> 
 def unregister(name: str) -> None:
     """Remove a user codec registered with `register`."""
     _user.pop(name, None)
+
+
+def prefetch() -> None:
+    """Start loading the compiled CPU kernels in the background (they decide at first use)."""
+    from .base import _cpu_backend
+
+    cpu = _cpu_backend()
+    if cpu is not None:
+        cpu.prefetch()

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from compactfusion_xdit import codecs
 from compactfusion_xdit.comm import CompressedCommunicator
 from compactfusion_xdit.core.config import CompressionConfig
 from compactfusion_xdit.core.residual import ResidualState
@@ -37,6 +38,8 @@ class CompressionSession:
         # Set by the xfuser patches that drive this session (patches/lifecycle.py, patches/pipefusion.py):
         self.lifecycle: Any = None  # step tracker; holds the outcome of per-step cache checks
         self.pipefusion: Any = None  # PipeFusion channel counters and message log of the request
+        if self.config.mode != "none":
+            codecs.prefetch()  # compiled codec kernels load while the rank builds its model
 
     def comm(self, group: dist.ProcessGroup | None = None) -> CompressedCommunicator:
         """The communicator over `group` (None: the world), created once per group."""

@@ -1,8 +1,8 @@
 """A one-process stand-in for a process group: every peer "sends" what this rank sends.
 
 `loopback(world, me)` replaces the torch.distributed calls the communicator makes with local
-copies (an all-to-all delivers each destination block back as if it came from that peer) and
-counts them, and counts the host synchronisations the code under test asks for (``item``,
+copies (an all-to-all delivers each destination block back as if it came from that peer; a
+point-to-point receive gets the oldest message this rank sent with the same tag) and counts them, and counts the host synchronisations the code under test asks for (``item``,
 ``tolist``, ``bool``/``int``/``float`` of a tensor, ``numpy``). With no transport in the way, a
 timed loop measures the plugin's own cost per exchange, and a test can assert how many
 collectives and host reads one exchange makes.
@@ -22,6 +22,17 @@ import torch
 import torch.distributed as dist
 
 _SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy")
+
+
+@dataclass
+class _P2POp:
+    """What `dist.P2POp` holds, without its checks against a registered group."""
+
+    op: object
+    tensor: torch.Tensor
+    peer: int | None = None
+    group: object = None
+    tag: int = 0
 
 
 class _Done:
@@ -55,6 +66,7 @@ def loopback(world: int = 2, me: int = 0) -> Iterator[LoopbackCounts]:
     every peer mirrors it; yields the counts. Not thread-safe; restores everything on exit."""
     group = object()
     counts = LoopbackCounts(group)
+    saved_isend = dist.isend
 
     def counted(name, fn):
         def call(*args, **kwargs):
@@ -69,10 +81,24 @@ def loopback(world: int = 2, me: int = 0) -> Iterator[LoopbackCounts]:
     def all_gather_into_tensor(out, x, *args, **kwargs):
         out.copy_(x.expand_as(out))
 
+    mailbox: dict[int, list[torch.Tensor]] = {}  # tag -> tensors sent, oldest first
+
+    def batch_isend_irecv(ops):
+        counts.calls["batch_isend_irecv"] = counts.calls.get("batch_isend_irecv", 0) + 1
+        for op in ops:
+            if op.op is saved_isend:
+                mailbox.setdefault(op.tag, []).append(op.tensor.clone())
+        for op in ops:
+            if op.op is not saved_isend:
+                op.tensor.copy_(mailbox[op.tag].pop(0))  # a peer sent this rank's own message
+        return [_Done() for _ in ops]
+
     patched = {
         "all_to_all_single": counted("all_to_all_single", all_to_all_single),
         "all_gather_into_tensor": counted("all_gather_into_tensor", all_gather_into_tensor),
         "broadcast": counted("broadcast", lambda *a, **k: None),
+        "batch_isend_irecv": batch_isend_irecv,
+        "P2POp": _P2POp,
         "get_process_group_ranks": lambda g: list(range(world)),
         "get_rank": lambda g=None: me,
         "get_world_size": lambda g=None: world,

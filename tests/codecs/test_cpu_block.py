@@ -243,29 +243,18 @@ def test_the_block_path_is_one_call_for_many_links(compiled):
 
 # ---- the per-process path decision -------------------------------------------------------------
 
-def _fresh_loader(monkeypatch):
-    """Loader state as in a new process (restored by monkeypatch afterwards)."""
-    monkeypatch.setattr(_loader, "_module", None)
-    monkeypatch.setattr(_loader, "_built", None)
-    monkeypatch.setattr(_loader, "_error", None)
-    monkeypatch.setattr(_loader, "_thread", None)
-    monkeypatch.setattr(_loader, "_done", threading.Event())
-
-
 @SLOW
 @needs_numba
-def test_a_cached_compile_is_used_from_the_first_call(compiled, monkeypatch):
-    _fresh_loader(monkeypatch)
+def test_a_cached_compile_is_used_from_the_first_call(fresh_loader, compiled, monkeypatch):
     x = torch.zeros(4, 8)
     assert cpu.supports("int4", x)  # the marker exists (the fixture compiled): loaded at once
     assert cpu.status() == "ready"
 
 
 @needs_numba
-def test_without_a_compile_the_process_stays_on_torch(monkeypatch, tmp_path):
+def test_without_a_compile_the_process_stays_on_torch(fresh_loader, monkeypatch, tmp_path):
     """No marker: the first call starts the compile and returns; the process keeps the torch path
     after the compile has finished (no switch mid-run) until ensure_compiled() adopts the kernels."""
-    _fresh_loader(monkeypatch)
     monkeypatch.setattr(_loader, "_marker", lambda: str(tmp_path / "absent" / "marker.ok"))
     started, release = threading.Event(), threading.Event()
 

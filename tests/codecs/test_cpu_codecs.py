@@ -264,16 +264,7 @@ def test_only_quantising_codecs_on_cpu_tensors():
     assert not cpu.supports("int4", x.view(-1))
 
 
-def _fresh_loader(monkeypatch):
-    """Loader state as in a new process (restored by monkeypatch afterwards)."""
-    monkeypatch.setattr(_loader, "_module", None)
-    monkeypatch.setattr(_loader, "_error", None)
-    monkeypatch.setattr(_loader, "_thread", None)
-    monkeypatch.setattr(_loader, "_done", threading.Event())
-
-
-def test_a_missing_numba_is_said_once_and_the_torch_path_takes_over(monkeypatch):
-    _fresh_loader(monkeypatch)
+def test_a_missing_numba_is_said_once_and_the_torch_path_takes_over(fresh_loader, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(_loader.importlib.util, "find_spec",
                         lambda name, *a: None if name == "numba" else real(name, *a))

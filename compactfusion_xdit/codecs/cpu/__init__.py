@@ -65,6 +65,12 @@ def takes(codec_name: str, x: torch.Tensor) -> bool:
     return (_loader._module or _loader.kernels()) is not None
 
 
+def prefetch() -> None:
+    """Start loading the kernels in the background (see `_loader.prefetch`); no-op when off."""
+    if enabled() and not envs.flag(envs.FORCE_TORCH):
+        _loader.prefetch()
+
+
 def ready() -> bool:
     """Whether this process codes CPU tensors with the kernels (the first call decides)."""
     return (_loader._module or _loader.kernels()) is not None

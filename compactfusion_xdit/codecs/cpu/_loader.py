@@ -36,6 +36,8 @@ _thread: threading.Thread | None = None  # started by the first call: the decisi
 _module = None  # the kernels, once this process uses them
 _built = None  # the kernels, loaded by the background thread (not yet used unless adopted)
 _error: str | None = None
+_cached = False  # the marker was there when the background work started
+_decided = False  # the first kernels() call has fixed this process's path
 
 
 def kernels(wait: bool = False, timeout: float | None = None):
@@ -48,7 +50,7 @@ def kernels(wait: bool = False, timeout: float | None = None):
         return _module
     if _error is not None:
         return None
-    if _thread is None:
+    if not _decided:
         _decide()
     if wait and _module is None:
         _done.wait(timeout)
@@ -70,9 +72,15 @@ def status() -> str:
     return "torch for this process (compiled for later ones)" if _done.is_set() else "compiling"
 
 
-def _decide() -> None:
-    """The first call: start the background load or compile; adopt the kernels if they load in time."""
-    global _thread, _module
+def prefetch() -> None:
+    """Start loading (or compiling) the kernels in the background now, so that the first
+    `kernels()` call, which still decides, finds them loaded (a rank calls this while it builds
+    its model)."""
+    _start()
+
+
+def _start() -> None:
+    global _thread, _cached
     with _lock:
         if _thread is not None or _error is not None:
             return
@@ -81,16 +89,24 @@ def _decide() -> None:
             _fail(f"{' and '.join(missing)} not installed (pip install numba)")
             return
         try:
-            cached = os.path.exists(_marker())
+            _cached = os.path.exists(_marker())
         except Exception as err:  # noqa: BLE001 - numba that does not import: keep the torch path
             _fail(f"{type(err).__name__}: {err}")
             return
         _thread = threading.Thread(target=_prepare, name="cfx-cpu-codec-compile", daemon=True)
         _thread.start()
-    if cached and _done.wait(LOAD_WAIT_S):
+
+
+def _decide() -> None:
+    """The first call: start the background load or compile if `prefetch` did not; adopt the
+    kernels if the marker was there and they load in time. Final for this process."""
+    global _module, _decided
+    _start()
+    if _cached and _done.wait(LOAD_WAIT_S):
         with _lock:
             if _module is None and _built is not None:
                 _module = _built
+    _decided = True
 
 
 def _fail(why: str) -> None:

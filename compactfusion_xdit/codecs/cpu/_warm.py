@@ -75,6 +75,11 @@ def touch_all(K, stop=lambda: False) -> None:
 
 def main() -> int:
     parent = os.getppid()
+    if hasattr(os, "nice"):
+        try:
+            os.nice(19)  # a background build: the ranks' work comes first
+        except OSError:
+            pass
     with compile_lock():
         from compactfusion_xdit.codecs.cpu import _kernels
 
