@@ -37,9 +37,6 @@ match in posting order, which xfuser keeps (it posts receives in send order).
 Receive buffers: xfuser's raw-shaped buffers stay (the pipelines read them), and are the decode
 target; the wire buffer of a coded message is payload-sized. Sends are non-blocking: each
 handle is kept on the coordinator until it completes (gloo sends complete only once received).
-NCCL ignores tags: there messages match in posting order, which holds for the payloads (xfuser
-posts receives in send order) but not for a raw fallback while another receive of the same group
-is already posted (an open issue on CUDA; fallbacks need NaN/Inf or ``warmup=0``).
 
     patches.install(CompressionConfig.parse("residual-int4"))   # applies this after the gloo support
     patches.session().pipefusion.messages                         # (role, key, shape, dtype, kind) log
