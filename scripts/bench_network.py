@@ -12,8 +12,14 @@ the current phase, so each rank's up- and downlink run at that rate and all inte
 method x codec loads the model once and serves, per rate, one warm-up request and ``--requests``
 measured ones (the median is reported). Bytes come from the plugin's counters (raw: what the
 uncompressed exchange sends; sent: what was sent), PSNR compares the output image with a
-single-process uncompressed run of the same seed. ``comm share`` estimates the uncompressed
-exchange's part of the request: per-rank raw bytes at the link rate / the ``none`` latency.
+single-process uncompressed run of the same seed. ``comm share`` s is the uncompressed
+exchange's part of the request at a rate: measured, 1 - T_none(unshaped) / T_none(rate), when the
+rates include ``unshaped`` (they do by default; the time the link actually adds, which counts a
+pipeline's transfers that overlap compute as free), else estimated from the bytes (per-rank raw
+bytes at the link rate / T_none(rate)). Both are in the JSON. The bound 1 / ((1 - s) + s / r),
+r = raw / sent bytes, is the speed-up the byte ratio allows; efficiency = speed-up / bound.
+The compiled CPU codecs are built (once per machine) before the ranks start, so every rank codes
+with them, as a user's ranks do after their first run.
 
 Writes ``<out>/bench_network.json``, ``bench_network.md`` and ``bench_network.png``. Needs root,
 ``ip`` and ``tc``; removes its namespaces, links and qdiscs on exit, Ctrl-C or failure.
@@ -112,8 +118,9 @@ def build_rows(method: str, codec: str, rates: list[str], result: dict, referenc
 
 def fill_derived(rows: list[dict]) -> None:
     """Raw bytes of the uncompressed runs (not counted by the plugin) from a coded run of the same
-    method; speed-up against ``none``; the uncompressed exchange's estimated share of a request; and
-    for coded rows the efficiency (`efficiency`)."""
+    method; speed-up against ``none``; the uncompressed exchange's share of a request (measured
+    against the unshaped run when there is one, else from the bytes); and for coded rows the
+    efficiency (`efficiency`)."""
     by_key = {(r["method"], r["codec"], r["rate"]): r for r in rows if "error" not in r}
     raw_of = {}
     for r in by_key.values():
@@ -127,10 +134,13 @@ def fill_derived(rows: list[dict]) -> None:
         r["speedup_vs_none"] = base["latency_s"] / r["latency_s"] if base else None
         bits = netns.parse_rate(r["rate"])
         raw = raw_of.get(r["method"])
-        if base and bits and raw:
-            r["comm_share_none"] = min(1.0, (raw / r["ranks"]) * 8 / bits / base["latency_s"])
-        else:
-            r["comm_share_none"] = None
+        fast = by_key.get((r["method"], "none", "unshaped"))
+        r["comm_share_bytes"] = (min(1.0, (raw / r["ranks"]) * 8 / bits / base["latency_s"])
+                                 if base and bits and raw else None)
+        r["comm_share_measured"] = (max(0.0, 1.0 - fast["latency_s"] / base["latency_s"])
+                                    if base and fast and bits else None)
+        r["comm_share_none"] = (r["comm_share_measured"] if r["comm_share_measured"] is not None
+                                else r["comm_share_bytes"])
     for r in by_key.values():
         base = by_key.get((r["method"], "none", r["rate"]))
         r.update(efficiency(r, None if base is None else base.get("comm_share_none")))
@@ -190,8 +200,9 @@ def markdown(result: dict) -> str:
             for r in rows if r.get("efficiency") is not None]
     errors = sorted({(r["method"], r["error"][:300]) for r in result["rows"] if "error" in r})
     tail = "".join(f"\n- {m} failed: {e}" for m, e in errors)
-    return (head + "\n".join(lines) + "\n\nUncompressed exchange as a share of the request (per-rank raw bytes at the "
-            "link rate / the uncompressed latency):" + share
+    how = ("measured: 1 - the unshaped uncompressed latency / the uncompressed latency at the rate"
+           if "unshaped" in rates else "estimated: per-rank raw bytes at the link rate / the uncompressed latency")
+    return (head + "\n".join(lines) + f"\n\nUncompressed exchange as a share s of the request ({how}):" + share
             + "\n\nEfficiency: measured speed-up / the bound 1 / ((1 - s) + s / r) that the byte ratio r sets at "
             "exchange share s:\n\n" + "\n".join(eff) + ("\n\nFailed launches:" + tail if errors else "") + "\n")
 
@@ -253,6 +264,11 @@ def run(opts, out_dir: str | None = None) -> dict:
     chosen = bench_methods.parse_methods(opts.methods, opts.ranks)
     codecs = [c.strip() for c in opts.codecs.split(",") if c.strip()]
     model_path = plan.model_path(model)
+    from compactfusion_xdit.codecs import cpu
+
+    if cpu.enabled() and not cpu.ensure_compiled(timeout=900):  # once per machine; ranks then load it
+        print(f"bench_network: compiled CPU codecs unavailable ({cpu.status()}); ranks use the torch path",
+              file=sys.stderr)
     result = {"ranks": opts.ranks, "model": model, "height": opts.height, "width": opts.width, "steps": opts.steps,
               "requests": opts.requests, "rates": rates, "methods": chosen, "codecs": codecs,
               "command": shlex.join(["python", "scripts/bench_network.py", *sys.argv[1:]]), "rows": []}

@@ -265,3 +265,11 @@ def test_network_efficiency_is_the_speedup_over_the_byte_ratio_bound():
     assert coded["bound"] == pytest.approx(1 / (0.84 + 0.04))
     assert coded["efficiency"] == pytest.approx(2.5 * (0.84 + 0.04))
     assert none["efficiency"] is None
+    # with an unshaped uncompressed run the share is measured: 1 - 8 s / 10 s = 0.2
+    fast = {**base, "rate": "unshaped", "codec": "none", "latency_s": 8.0, "latencies_s": [8.0], "raw_bytes": 0,
+            "sent_bytes": 0}
+    rows = [dict(r) for r in rows] + [fast]
+    script.fill_derived(rows)
+    coded = rows[1]
+    assert coded["comm_share_measured"] == pytest.approx(0.2) and coded["comm_share_bytes"] == pytest.approx(0.16)
+    assert coded["comm_share_none"] == pytest.approx(0.2) and coded["bound"] == pytest.approx(1 / (0.8 + 0.05))

@@ -258,9 +258,9 @@ def test_fewer_warmup_steps_stay_within_measured_bounds(model, runs):
 
 
 def int4_wire_nbytes(shape: torch.Size) -> int:
-    """int4: ceil(C/2) data bytes and a bf16 scale per row (rows = all leading dims), plus the flag byte."""
+    """int4: ceil(C/2) data bytes and a bf16 scale per row (rows = all leading dims)."""
     rows, cols = math.prod(shape[:-1]), shape[-1]
-    return rows * (-(-cols // 2)) + 2 * rows + 1
+    return rows * (-(-cols // 2)) + 2 * rows
 
 
 def expected_step_stats(warmup: int, shape: torch.Size, rank: int) -> dict:
@@ -276,7 +276,7 @@ def expected_step_stats(warmup: int, shape: torch.Size, rank: int) -> dict:
         sends = (STEPS - warmup) // 2
         n_coded, n_raw = sends - 1, 1
     return dict(messages=n_raw + n_coded, raw_bytes=(n_raw + n_coded) * raw, sent_bytes=n_raw * raw + n_coded * coded,
-                raw_messages=n_raw, coded_messages=n_coded, nonfinite_fallbacks=0, reseed_fallbacks=0)
+                raw_messages=n_raw, coded_messages=n_coded, reseeds=0, nonfinite_rows=0)
 
 
 @pytest.mark.parametrize("warmup", [4, 1])

@@ -208,7 +208,7 @@ def test_residual_int4_close_and_caches_consistent(fn_results):
         assert r["mismatches"] == []
         assert max(r["errors"][:FN_LAYERS]) == 0.0       # warm-up step: raw K/V (seeds the caches)
         assert max(r["errors"]) < 0.03                   # measured 0.011-0.018 (plain int4: 0.05-0.09)
-        assert r["stats"]["reseed_fallbacks"] == 0 and r["stats"]["nonfinite_fallbacks"] == 0
+        assert r["stats"]["reseeds"] == 0 and r["stats"]["nonfinite_rows"] == 0
 
 
 def test_residual_beats_plain_int4(fn_results):
