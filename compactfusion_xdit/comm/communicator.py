@@ -125,11 +125,10 @@ class CompressedCommunicator:
         send = xs[0].view(world, -1) if len(xs) == 1 else torch.cat([x.view(world, -1) for x in xs], dim=1)
         recv = outs[0].view(world, -1) if len(xs) == 1 else torch.empty_like(send)
         work = dist.all_to_all_single(recv, send, group=g, async_op=True)
-        reseed = state.step >= state.config.warmup
-        for key, kind, n in zip(keys, kinds, sizes):
+        for key, kind, n, shape in zip(keys, kinds, sizes, chunk_shapes):
             nbytes = (world - 1) * n * xs[0].element_size()
-            state.record(path_of(key), kind, nbytes, nbytes, world - 1,
-                         reseeds=(world - 1) if kind is MessageKind.SEED and reseed else 0)
+            reseed = kind is MessageKind.SEED and state.is_reseed(key, shape, dtype)
+            state.record(path_of(key), kind, nbytes, nbytes, world - 1, reseeds=(world - 1) * reseed)
 
         def finish_raw() -> list[torch.Tensor]:
             offset = 0
@@ -198,7 +197,7 @@ class CompressedCommunicator:
         out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
         if kind is not MessageKind.CODED:
             work = dist.all_gather_into_tensor(out, x.unsqueeze(0), group=g, async_op=True)
-            reseeds = world - 1 if kind is MessageKind.SEED and state.step >= state.config.warmup else 0
+            reseeds = world - 1 if kind is MessageKind.SEED and state.is_reseed(key, tuple(x.shape), x.dtype) else 0
             state.record(path, kind, (world - 1) * nbytes, (world - 1) * nbytes, world - 1, reseeds=reseeds)
 
             def finish_raw() -> torch.Tensor:
@@ -252,7 +251,8 @@ class CompressedCommunicator:
         if kind is not MessageKind.CODED:
             if kind is MessageKind.SEED:
                 state.seed_sender(link, x)
-            state.record(path, kind, nbytes, nbytes, reseeds=int(kind is MessageKind.SEED and state.step >= state.config.warmup))
+            state.record(path, kind, nbytes, nbytes,
+                         reseeds=int(kind is MessageKind.SEED and state.is_reseed(key, tuple(x.shape), x.dtype)))
             return p2p.post(g, sends=[(x, dst, tag)])[0]
         wire = state.encode(link, x)
         state.record(path, kind, nbytes, wire.numel())
@@ -322,7 +322,7 @@ class CompressedCommunicator:
             if kind is MessageKind.SEED:
                 (state.seed_sender if leader else state.seed_receiver)(link, x)
             if leader:
-                reseeds = receivers if kind is MessageKind.SEED and state.step >= state.config.warmup else 0
+                reseeds = receivers if kind is MessageKind.SEED and state.is_reseed(key, shape, x.dtype) else 0
                 state.record(path, kind, receivers * nbytes, receivers * nbytes, receivers, reseeds=reseeds)
             return x
         wire = self.buffers.get(key, "bcast", (state.wire_nbytes(shape, x.dtype, link),), x.device)

@@ -95,11 +95,10 @@ class RingExchange:
     def _post_hop(self, message: torch.Tensor, into: torch.Tensor):
         """Send `message` to the next rank, receive the next into `into`."""
         nxt, prv = self.ranks[(self.me + 1) % self.world], self.ranks[(self.me - 1) % self.world]
-        reseed = self.state.step >= self.state.config.warmup
         for i, t in enumerate(self.tensors):
             nbytes = t.numel() * t.element_size()
-            self.state.record(self.path, self.kinds[i], nbytes, self.sizes[i],
-                              reseeds=int(self.kinds[i] is MessageKind.SEED and reseed))
+            reseed = self.kinds[i] is MessageKind.SEED and self.state.is_reseed(self.key, tuple(t.shape), t.dtype)
+            self.state.record(self.path, self.kinds[i], nbytes, self.sizes[i], reseeds=int(reseed))
         return p2p.post(self.group, [(message, nxt, self.tag)], [(into, prv, self.tag)])
 
     def __iter__(self) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:

@@ -192,6 +192,11 @@ class ResidualState:
             return MessageKind.SEED
         return MessageKind.CODED
 
+    def is_reseed(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Whether a SEED of `key` now is a re-seed: the step rules code it, a missing cache made it
+        raw (not the warm-up, nor a schedule's raw step before a residual one)."""
+        return self.message_kind(key, shape, dtype) is MessageKind.CODED
+
     def has_cache(self, side: str, link: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
         """Whether `side` ("send"/"recv") holds a cache of `link` for tensors of this shape and dtype."""
         entry = self._side(side).get(link)

@@ -79,6 +79,19 @@ def test_every_script_has_a_smoke_test_here():
 # ------------------------------------------------------------------------------------------------
 
 
+def test_bench_exchange_times_the_layer_over_gloo_and_in_loopback(tmp_path):
+    out = tmp_path / "exchange.json"
+    proc = run_script("bench_exchange.py", "--compressions", "none,residual-int4", "--layers", "2", "--steps", "4",
+                      "--out", str(out), timeout=120)
+    rows = {r["compression"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["none"]["cpu_overhead_us"] == 0 and rows["residual-int4"]["wall_us_per_layer"] > 0
+    assert "residual-int4" in proc.stdout
+    run_script("bench_exchange.py", "--loopback", "--ranks", "4", "--repeats", "1", "--layers", "2", "--steps", "4",
+               "--out", str(out))
+    rows = {r["compression"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"none", "residual-int4", "residual-1bit"} and rows["residual-1bit"]["us_per_layer"] > 0
+
+
 def test_bench_codec_times_every_codec_and_reports_ratios(tmp_path):
     out = tmp_path / "codec.json"
     proc = run_script("bench_codec.py", "--quick", "--path", "torch", "--json", str(out))
