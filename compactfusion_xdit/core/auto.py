@@ -72,6 +72,7 @@ class AutoSelector:
         self.decision: dict[str, str] | None = None  # path -> compression name, once agreed
         self.report: dict[str, dict[str, Any]] = {}
         self.decisions = 0  # how many times the ranks agreed (1 for a launch with one shape)
+        self.parsed: dict[str, tuple[str, str]] = {}  # name -> (mode, codec), for ResidualState.choice
         self._shape: Hashable = None  # the request shape the decision was made for
         self._requests_since = 0  # requests with coded steps since the decision
         self._coded = False  # the current request reached a coded step under the decision

@@ -215,8 +215,11 @@ class ResidualState:
         being measured) the floor's, so a residual floor seeds the caches a later coded step needs."""
         decision = self.auto.decision
         name = self.auto.floor if decision is None else decision.get(path, "none")
-        parsed = CompressionConfig.parse(name)
-        return parsed.mode, parsed.codec
+        parsed = self.auto.parsed.get(name)
+        if parsed is None:
+            config = CompressionConfig.parse(name)
+            parsed = self.auto.parsed[name] = (config.mode, config.codec)
+        return parsed
 
     def auto_clock(self) -> float | None:
         """Start time of a RAW/SEED exchange to measure for auto (None: nothing is measured now)."""
