@@ -22,8 +22,8 @@ from compactfusion_xdit import envs
 
 def install(compression: Any = "none", **options: Any):
     """Install the xfuser patches in this process with `compression` (a name such as
-    ``"residual-int4"`` or a `CompressionConfig`; `options`: ``warmup=``, ``paths=``,
-    ``error_feedback=``, ``check=``). Returns the `CompressionSession` (None for ``"none"``).
+    ``"residual-int4"``, ``"auto"`` (per path from the measured link) or a `CompressionConfig`;
+    `options`: ``warmup=``, ``paths=``, ``error_feedback=``, ``check=``, ``auto_floor=``, ``auto_every=``). Returns the `CompressionSession` (None for ``"none"``).
     Call it in every rank before the model is built."""
     from compactfusion_xdit import patches
     from compactfusion_xdit.core.config import CompressionConfig
@@ -64,7 +64,7 @@ class xDiTParallel:  # noqa: N801 - the name of the class it mirrors
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.session is None:
             return self._parallel(*args, **kwargs)
-        self.session.begin_request()
+        self.session.begin_request(shape=tuple(kwargs.get(k) for k in ("height", "width", "num_inference_steps")))
         try:
             return self._parallel(*args, **kwargs)
         finally:

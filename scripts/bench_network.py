@@ -3,6 +3,7 @@
     sudo python scripts/bench_network.py --ranks 4 --rates 100mbit,1gbit,10gbit,unshaped \\
         --methods all --codecs none,residual-int4,residual-int2,residual-1bit,plain-int4 --out bench_out
     sudo python scripts/bench_network.py --quick --out /tmp/q     # CI: 2 ranks, 1 rate, 2 codecs
+    sudo python scripts/bench_network.py --codecs none,auto,residual-int4 --out bench_auto  # auto vs fixed
     sudo python scripts/bench_network.py --cleanup                # remove what a killed run left
 
 Every rank runs in its own network namespace; the namespaces form a star of veth links through a

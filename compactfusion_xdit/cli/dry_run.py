@@ -73,6 +73,10 @@ def _compression(ns: argparse.Namespace) -> list[str]:
     lines = [f"  compression  {config.name} (warm-up {config.warmup} step(s), paths {','.join(config.paths)}, "
              f"error feedback {'on' if config.error_feedback else 'off'}{', cache check' if config.check else ''})"]
     lines += [f"  schedule     {rule}" for rule in config.schedule]
+    if "auto" in (config.mode, *(str(rule.codec) for rule in config.schedule)):
+        every = f"every {config.auto_every} requests" if config.auto_every else "once per launch and request shape"
+        lines.append(f"  auto         decides at run time: per path, the link and codec costs measured in the warm-up, "
+                     f"candidates none .. {config.auto_floor}, agreed by all ranks ({every})")
     return lines
 
 

@@ -51,6 +51,14 @@ def _compression_schedule(value: str) -> str:
     return value
 
 
+def _auto_floor(value: str) -> str:
+    from compactfusion_xdit.core.config import AUTO_CANDIDATES
+
+    if value.strip() not in AUTO_CANDIDATES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(AUTO_CANDIDATES)}, got {value!r}")
+    return value.strip()
+
+
 def _non_negative_int(value: str) -> int:
     try:
         number = int(value)
@@ -100,7 +108,15 @@ def add_compression_args(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("compactfusion (compressed communication)")
     group.add_argument(*_both_spellings("--compression"), dest="compression", default="none", type=_compression_name,
                        metavar="NAME", help="none (default), e.g. residual-int4, residual-1bit, residual-lowrank-8, "
-                       "residual-int4-noef, int8 (plain quantisation)")
+                       "residual-int4-noef, int8 (plain quantisation), auto (per path from the measured link)")
+    group.add_argument(*_both_spellings("--compression-auto-floor"), dest="compression_auto_floor",
+                       default="residual-int2", type=_auto_floor, metavar="NAME",
+                       help="with --compression auto: the coarsest codec auto may pick, one of none, residual-int8, "
+                       "residual-int4, residual-int2 (default), residual-1bit")
+    group.add_argument(*_both_spellings("--compression-auto-every"), dest="compression_auto_every", default=0,
+                       type=_non_negative_int, metavar="N",
+                       help="with --compression auto: measure the links again every N requests (default 0: once per "
+                       "launch and request shape)")
     group.add_argument(*_both_spellings("--compression-warmup"), dest="compression_warmup", default=1,
                        type=_non_negative_int, metavar="N", help="first N steps of a request send raw tensors (default 1)")
     group.add_argument(*_both_spellings("--compression-paths"), dest="compression_paths", default="all",
@@ -210,10 +226,12 @@ def compression_config(ns: argparse.Namespace):
         paths=getattr(ns, "compression_paths", "all"),
         check=bool(getattr(ns, "compression_check", False)),
         schedule=getattr(ns, "compression_schedule", None),
+        auto_floor=getattr(ns, "compression_auto_floor", "residual-int2"),
+        auto_every=getattr(ns, "compression_auto_every", 0),
     )
     modes = {config.mode} | {CompressionConfig.parse(rule.codec).mode for rule in config.schedule}
     if getattr(ns, "compression_no_ef", False) and modes != {"none"}:
-        if "residual" not in modes:
+        if not modes & {"residual", "auto"}:
             raise ValueError(f"--compression-no-ef only applies to residual compression, not {name!r}; "
                              f"use e.g. residual-{config.codec}")
         config = CompressionConfig.parse(config, error_feedback=False)

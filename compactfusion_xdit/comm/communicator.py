@@ -124,6 +124,7 @@ class CompressedCommunicator:
         sizes = [x.numel() // world for x in xs]
         send = xs[0].view(world, -1) if len(xs) == 1 else torch.cat([x.view(world, -1) for x in xs], dim=1)
         recv = outs[0].view(world, -1) if len(xs) == 1 else torch.empty_like(send)
+        start = state.auto_clock()  # auto: raw exchanges of the warm-up are timed
         work = dist.all_to_all_single(recv, send, group=g, async_op=True)
         for key, kind, n, shape in zip(keys, kinds, sizes, chunk_shapes):
             nbytes = (world - 1) * n * xs[0].element_size()
@@ -141,6 +142,8 @@ class CompressedCommunicator:
                                        _rows(x.view(world, -1), peers), shape)
                     state.seed_stacked("recv", [link_key(key, ranks[p], ranks[me]) for p in peers],
                                        _rows(out.view(world, -1), peers), shape)
+            if start is not None:
+                state.auto_observe(path_of(keys[0]), (world - 1) * sum(sizes) * xs[0].element_size(), start, xs[-1])
             return outs
 
         pending = Pending([work], finish_raw, keep=(xs, send, recv))
@@ -196,6 +199,7 @@ class CompressedCommunicator:
             kind = MessageKind.SEED
         out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
         if kind is not MessageKind.CODED:
+            start = state.auto_clock()
             work = dist.all_gather_into_tensor(out, x.unsqueeze(0), group=g, async_op=True)
             reseeds = world - 1 if kind is MessageKind.SEED and state.is_reseed(key, tuple(x.shape), x.dtype) else 0
             state.record(path, kind, (world - 1) * nbytes, (world - 1) * nbytes, world - 1, reseeds=reseeds)
@@ -204,6 +208,8 @@ class CompressedCommunicator:
                 if kind is MessageKind.SEED and others:
                     state.seed_sender(own, x)
                     state.seed_stacked("recv", recv_links, _rows(out.view(world, -1), others), tuple(x.shape))
+                if start is not None:
+                    state.auto_observe(path, (world - 1) * nbytes, start, x)
                 return out
 
             pending = Pending([work], finish_raw, keep=x)
@@ -281,11 +287,14 @@ class CompressedCommunicator:
         state = self.state
         kind = state.message_kind(key, shape, dtype, link, "recv")
         if kind is not MessageKind.CODED:
+            start = state.auto_clock()
             received = p2p.post(g, recvs=[(out, src, tag)])[1]
 
             def finish_raw() -> torch.Tensor:
                 if kind is MessageKind.SEED:
                     state.seed_receiver(link, out)
+                if start is not None:
+                    state.auto_observe(path_of(key), out.numel() * out.element_size(), start, out)
                 return out
 
             return Pending([received], finish_raw)
@@ -318,7 +327,10 @@ class CompressedCommunicator:
         side = "send" if leader else "recv"
         kind = MessageKind.RAW if raw else state.message_kind(key, shape, x.dtype, link, side)
         if kind is not MessageKind.CODED:
+            start = None if raw else state.auto_clock()
             dist.broadcast(x, src=src, group=g)
+            if start is not None:
+                state.auto_observe(path, nbytes, start, x)
             if kind is MessageKind.SEED:
                 (state.seed_sender if leader else state.seed_receiver)(link, x)
             if leader:

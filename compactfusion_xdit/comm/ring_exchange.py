@@ -53,6 +53,8 @@ class RingExchange:
             offset += size
         self.buffers = [comm.buffers.get(key, f"ring{i}", (offset,), device) for i in (0, 1)]
         self._code_own(self.buffers[0])
+        # auto: raw hops of the warm-up are timed (from posting to arrival)
+        self._start = self.state.auto_clock() if MessageKind.CODED not in self.kinds else None
         self._hop = self._post_hop(self.buffers[0], self.buffers[1]) if self.world > 1 else None
         self._started = False
 
@@ -107,10 +109,14 @@ class RingExchange:
         self._started = True
         current, spare = self.buffers
         sent, received = self._hop or (None, None)
+        start = self._start
         for step in range(self.world):
             origin = (self.me - step) % self.world
             if step > 0:
                 received.wait()
+                if start is not None:
+                    self.state.auto_observe(self.path, self.buffers[0].numel(), start, self.tensors[-1])
+                    start = self.state.auto_clock()
                 sent.wait()  # the previous hop's sends: frees `spare` for the next receive
                 if step < self.world - 1:
                     sent, received = self._post_hop(current, spare)

@@ -5,6 +5,7 @@
     CompressionConfig.parse("int4")                     # plain quantisation of x (alias "plain-int4")
     CompressionConfig.parse("residual-lowrank-8", warmup=2, paths="ulysses,ring")
     CompressionConfig.parse("none")                     # no compression: the raw collectives
+    CompressionConfig.parse("auto", auto_floor="residual-int4")  # per path from the measured link (core/auto.py)
 
 Names: ``none``; ``<codec>`` or ``plain-<codec>`` (plain mode: the codec codes x itself);
 ``residual-<codec>`` (residual mode with error feedback) and ``residual-<codec>-noef`` (without).
@@ -26,8 +27,12 @@ from compactfusion_xdit.core.schedule import ScheduleRule, parse_schedule
 
 #: The communication paths a config can switch on; a channel key's first element is one of these.
 PATHS = ("ulysses", "ring", "pipefusion", "legacy", "patch", "step")
-#: plain: code x itself; residual: code x minus the receiver's cache; none: send raw.
-MODES = ("plain", "residual", "none")
+#: plain: code x itself; residual: code x minus the receiver's cache; none: send raw;
+#: auto: a residual codec or none per path, chosen at run time from the measured link (core/auto.py).
+MODES = ("plain", "residual", "none", "auto")
+AUTO = "auto"
+#: The names auto chooses from, finest first; ``auto_floor`` names the coarsest it may pick.
+AUTO_CANDIDATES = ("none", "residual-int8", "residual-int4", "residual-int2", "residual-1bit")
 
 #: The built-in codecs (`compactfusion_xdit.codecs`), named here so that checking a name needs no
 #: torch import (the launchers check flags before anything heavy); a test keeps the two equal.
@@ -47,7 +52,7 @@ def _codec_names() -> list[str]:
 
 def valid_names() -> list[str]:
     """Every spelling `CompressionConfig.parse` accepts (``<R>`` stands for a positive integer)."""
-    names = ["none"]
+    names = ["none", AUTO]
     for codec in _codec_names():
         names += [codec, _PLAIN_PREFIX + codec, _RESIDUAL_PREFIX + codec, _RESIDUAL_PREFIX + codec + _NO_EF_SUFFIX]
     return names
@@ -105,10 +110,18 @@ class CompressionConfig:
     paths: tuple[str, ...] = PATHS
     check: bool = False
     schedule: tuple[ScheduleRule, ...] = ()
+    #: auto mode: the coarsest name auto may pick (`core.auto.CANDIDATES`), and how many requests a
+    #: decision holds (0: the whole launch, unless the request shape changes).
+    auto_floor: str = "residual-int2"
+    auto_every: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown compression mode {self.mode!r}; valid modes: {', '.join(MODES)}")
+        if (self.mode == AUTO) != (self.codec == AUTO):
+            raise ValueError(f"codec {self.codec!r} with mode {self.mode!r}: codec 'auto' goes with mode 'auto' only")
+        if self.mode == AUTO:
+            _check_auto(self)
         if (self.mode == "none") != (self.codec == "none"):
             raise ValueError(
                 f"codec {self.codec!r} with mode {self.mode!r}: codec 'none' goes with mode 'none' and only with it"
@@ -116,7 +129,7 @@ class CompressionConfig:
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an integer >= 0 (raw steps at the start of a request), got {self.warmup!r}")
         object.__setattr__(self, "paths", _normalise_paths(self.paths))
-        if self.codec != "none":
+        if self.codec not in ("none", AUTO):
             _check_codec(self.codec, self.codec)
         object.__setattr__(self, "schedule", _resolve_schedule(self.schedule))
         # (mode, codec) of each rule, in rule order; `choice` reads it per message.
@@ -144,6 +157,8 @@ class CompressionConfig:
         text = name.strip()
         if text == "none":
             return cls(**{"codec": "none", "mode": "none", **overrides})
+        if text == AUTO:
+            return cls(**{"codec": AUTO, "mode": AUTO, **overrides})
         error_feedback = True
         if text.startswith(_RESIDUAL_PREFIX):
             mode, codec = "residual", text[len(_RESIDUAL_PREFIX):]
@@ -164,8 +179,8 @@ class CompressionConfig:
     @property
     def name(self) -> str:
         """The canonical name: ``parse(config.name)`` gives back codec, mode and error feedback."""
-        if self.mode == "none":
-            return "none"
+        if self.mode in ("none", AUTO):
+            return self.mode
         if self.mode == "plain":
             return self.codec
         return _RESIDUAL_PREFIX + self.codec + ("" if self.error_feedback else _NO_EF_SUFFIX)
@@ -200,6 +215,19 @@ class CompressionConfig:
         d["schedule"] = [str(rule) for rule in self.schedule]
         d["name"] = self.name
         return d
+
+
+def _check_auto(config: "CompressionConfig") -> None:
+    """auto needs a raw warm-up to measure in, and a floor among its candidates."""
+    if config.warmup < 1:
+        raise ValueError("compression 'auto' measures the link during the raw warm-up step(s) and got warm-up 0; "
+                         "set --compression-warmup 1 or more (YAML compression: {warmup: 1}; warmup=1 in the API)")
+    if config.auto_floor not in AUTO_CANDIDATES:
+        raise ValueError(f"auto floor {config.auto_floor!r} is not one of {', '.join(AUTO_CANDIDATES)} "
+                         f"(--compression-auto-floor names the coarsest codec auto may pick)")
+    if isinstance(config.auto_every, bool) or not isinstance(config.auto_every, int) or config.auto_every < 0:
+        raise ValueError(f"auto_every must be an integer >= 0 (requests a decision holds; 0: never re-measure), "
+                         f"got {config.auto_every!r}")
 
 
 def _resolve_schedule(schedule: Any) -> tuple[ScheduleRule, ...]:

@@ -52,7 +52,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from compactfusion_xdit.core.config import PATHS, CompressionConfig
+from compactfusion_xdit.core.config import AUTO, PATHS, CompressionConfig
 from compactfusion_xdit.core.schedule import layer_of
 
 #: dtypes the codecs code; every other dtype travels raw.
@@ -114,7 +114,7 @@ class ResidualState:
     def __init__(self, config: CompressionConfig | str | None = None) -> None:
         self.config = CompressionConfig.parse(config)
         self._codecs: dict[str, Any] = {}
-        self.codec = self._codec(self.config.codec) if self.config.mode != "none" else None  # the default codec
+        self.codec = self._codec(self.config.codec) if self.config.mode not in ("none", AUTO) else None  # the default codec
         # (path, layer, step) -> (mode, codec); the schedule's choices, memoised per request
         self._choices: dict[tuple, tuple[str, Any]] = {}
         self.step = 0
@@ -130,10 +130,20 @@ class ResidualState:
         #: Bumped whenever a cache entry is added, replaced or dropped (not when a cache's values
         #: change in place): a communicator may keep what it looked up while it is unchanged.
         self.generation = 0
+        # --- auto (core/auto.py): the per-path decision, None unless the config names auto
+        self.auto = None
+        if AUTO in (self.config.mode, *(mode for mode, _ in self.config._rule_choices)):
+            from compactfusion_xdit.core.auto import AutoSelector
+
+            self.auto = AutoSelector(self.config)
+        # --- end auto
 
     # ----- lifecycle -------------------------------------------------------------------------
-    def begin_request(self) -> None:
-        """Start a new request: drop every cache, step 0. Stats keep accumulating."""
+    def begin_request(self, shape: Hashable = None) -> None:
+        """Start a new request: drop every cache, step 0. Stats keep accumulating. `shape` (e.g.
+        height, width, steps): in auto mode a change measures the links again."""
+        if self.auto is not None:
+            self.auto.begin_request(shape)
         self._send.clear()
         self._recv.clear()
         self._choices.clear()
@@ -145,6 +155,12 @@ class ResidualState:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         self.step = step
+        if self.auto is not None and step >= self.config.warmup:
+            if self.auto.pending:
+                self.auto.agree()  # a world collective: every rank reaches its first coded step alike
+                self._choices.clear()
+                self.generation += 1  # exchange plans memoise kinds per generation
+            self.auto.coded_step()
 
     def reset(self, key: Hashable | None = None) -> None:
         """Drop the caches of link `key` (both sides), or of every link when None; the link's next
@@ -171,6 +187,8 @@ class ResidualState:
         chosen = self._choices.get(slot)
         if chosen is None:
             mode, codec = self.config.choice(path, layer, step)
+            if mode == AUTO:
+                mode, codec = self._auto_choice(path)
             chosen = self._choices[slot] = (mode, None if mode == "none" else self._codec(codec))
         return chosen
 
@@ -196,6 +214,26 @@ class ResidualState:
         """Whether a SEED of `key` now is a re-seed: the step rules code it, a missing cache made it
         raw (not the warm-up, nor a schedule's raw step before a residual one)."""
         return self.message_kind(key, shape, dtype) is MessageKind.CODED
+
+    def _auto_choice(self, path: str) -> tuple[str, str]:
+        """(mode, codec name) auto gives `path`: the agreed name; before the decision (the warm-up
+        being measured) the floor's, so a residual floor seeds the caches a later coded step needs."""
+        decision = self.auto.decision
+        name = self.auto.floor if decision is None else decision.get(path, "none")
+        parsed = self.auto.parsed.get(name)
+        if parsed is None:
+            config = CompressionConfig.parse(name)
+            parsed = self.auto.parsed[name] = (config.mode, config.codec)
+        return parsed
+
+    def auto_clock(self) -> float | None:
+        """Start time of a RAW/SEED exchange to measure for auto (None: nothing is measured now)."""
+        return None if self.auto is None else self.auto.clock(self.step)
+
+    def auto_observe(self, path: str, nbytes: int, start: float, sample: torch.Tensor | None = None) -> None:
+        """A measured exchange (`auto_clock` gave `start`) of `path` finished after `nbytes` were sent."""
+        if nbytes and path in self.config.paths:
+            self.auto.observe(path, nbytes, start, sample)
 
     def has_cache(self, side: str, link: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
         """Whether `side` ("send"/"recv") holds a cache of `link` for tensors of this shape and dtype."""
@@ -324,6 +362,7 @@ class ResidualState:
             "cache_entries": len(caches),
             "cache_bytes": sum(t.numel() * t.element_size() for t in caches),
             "paths": paths,
+            **({"auto": self.auto.stats()} if self.auto is not None else {}),
         }
 
     def cache_digests(self) -> dict[tuple[str, Hashable], str]:

@@ -48,13 +48,14 @@ class CompressionSession:
             comm = self._comms[group] = CompressedCommunicator(self.state, group)
         return comm
 
-    def begin_request(self, reset_stats: bool = False) -> None:
+    def begin_request(self, reset_stats: bool = False, shape: Any = None) -> None:
         """A new request: every cache dropped, step 0, the step tracker (`lifecycle`) restarted;
-        with `reset_stats` its traffic is counted afresh (else stats keep accumulating). The one
+        with `reset_stats` its traffic is counted afresh (else stats keep accumulating); `shape`
+        (the request's height, width, steps, same on every rank): auto re-measures when it changes. The one
         place a request begins: the patches, the modes and the request loops all call it."""
         if reset_stats:
             self.reset_stats()
-        self.state.begin_request()
+        self.state.begin_request(shape)
         self.requests += 1
         if self.lifecycle is not None:
             self.lifecycle.begin_request()

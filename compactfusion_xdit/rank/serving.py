@@ -31,12 +31,18 @@ class Served:
     traffic: dict
 
 
+def request_shape(request: Any) -> tuple | None:
+    """What `--compression auto` compares to know a request's shape changed: height, width, steps."""
+    shape = tuple(getattr(request, k, None) for k in ("height", "width", "num_inference_steps"))
+    return None if shape == (None, None, None) else shape
+
+
 def serve_requests(session, requests: Sequence[Any], run_one: Callable[[Any], Any]) -> list[Served]:
     """Run `run_one(request)` for each request in order (a collective per request when a session exists)."""
     served = []
     for request in requests:
         if session is not None:
-            session.begin_request(reset_stats=True)
+            session.begin_request(reset_stats=True, shape=request_shape(request))
         start = time.perf_counter()
         try:
             output = run_one(request)

@@ -37,8 +37,11 @@ def compression_traffic(session) -> dict:
         consistent, mismatches = lifecycle.cache_consistent, len(lifecycle.mismatches)
         if not consistent:
             print("residual caches diverged:\n" + "\n".join(lifecycle.mismatches[:20]), file=sys.stderr)
-    return {"raw_bytes": raw, "sent_bytes": sent, "ratio": raw / sent if sent else 1.0, "paths": paths,
-            "cache_consistent": consistent, "cache_mismatches": mismatches}
+    out = {"raw_bytes": raw, "sent_bytes": sent, "ratio": raw / sent if sent else 1.0, "paths": paths,
+           "cache_consistent": consistent, "cache_mismatches": mismatches}
+    if "auto" in gathered[0]:  # --compression auto: the agreed decision (the same on every rank)
+        out["auto"] = gathered[0]["auto"]
+    return out
 
 
 def check_verdict(traffic: dict) -> str:
@@ -59,4 +62,16 @@ def format_traffic(traffic: dict) -> str:
     rows.append(("total", str(sum(p["messages"] for p in traffic["paths"].values())), str(traffic["raw_bytes"]),
                  str(traffic["sent_bytes"]), f"{traffic['ratio']:.2f}x"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+    table = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+    return "\n".join([table, *format_auto(traffic.get("auto"))])
+
+
+def format_auto(auto: dict | None) -> list[str]:
+    """One line per path auto decided (``--compression auto``): link, choice, expected time, candidates (ms)."""
+    if auto is None:
+        return []
+    if not auto:
+        return ["auto: not decided yet (the links are measured during the warm-up steps)"]
+    return [f"auto {path}: link {r['link_MBps']:.1f} MB/s -> {r['codec']} (expected {r['expected_ms']:.2f} ms/step; "
+            + ", ".join(f"{n} {ms:.2f}" for n, ms in r["candidates"].items()) + ")"
+            for path, r in sorted(auto.items())]

@@ -234,6 +234,7 @@ def test_bench_network_help_and_helpers():
     spec.loader.exec_module(script)
     opts = script.parse_options(["--quick"])
     assert (opts.ranks, opts.rates, opts.methods) == (2, "1gbit", "ulysses")
+    assert script.parse_options(["--codecs", "none,auto,residual-int4"]).codecs == "none,auto,residual-int4"
     from compactfusion_xdit.benchmarks import netns
 
     assert netns.parse_rate("1gbit") == 10**9 and netns.parse_rate("unshaped") is None

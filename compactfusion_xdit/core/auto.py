@@ -1,0 +1,238 @@
+"""``--compression auto``: each path's codec chosen from the measured link, never slower than raw.
+
+The life of a decision (one `AutoSelector` per `ResidualState` whose config is in auto mode):
+
+1. Measure. During the raw warm-up steps of a request (``step < warmup``; auto needs warmup >= 1)
+   the communicator times every RAW/SEED exchange of an auto path (`clock` / `observe`): bytes
+   on the wire and seconds from posting to completion, per path, plus a reference to the path's
+   last raw tensor. Timing goes through `link_seconds`, the one place a test fakes the link
+   (``CFX_AUTO_LINK_MBPS``, e.g. ``0.01`` or ``ulysses=0.01,ring=1e6``).
+2. Agree. At the first coded step (`ResidualState.set_step` reaching ``warmup``) every rank times
+   the candidate codecs' ``encode_block`` + ``decode_block`` on a sample of each path's last raw
+   tensor (a few repeats, min), then one ``all_gather_object`` on the world group (every rank
+   makes it at the same point) shares the settings and the measurements. Every rank checks the
+   settings match (else every rank raises the same one-line error) and computes the same decision
+   from the same gathered data: per path, the candidate minimising the expected exchange time of
+   the slowest rank, ``payload / link throughput + encode + decode``; ``none`` when coding does not
+   pay. Candidates: none, residual-int8, -int4, -int2, -1bit, up to the floor (``auto_floor``).
+3. Hold. The decision holds for the launch; it is dropped (and measured again in the next
+   request's warm-up) when the request shape given to `begin_request` changes or every
+   ``auto_every`` requests (0: never).
+
+Pure core: knows nothing of xfuser; the group is the default (world) process group.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Hashable
+
+import torch
+
+from compactfusion_xdit.core.config import AUTO_CANDIDATES as CANDIDATES
+
+#: Environment variable that replaces the measured link throughput (MB/s; tests, what-if runs).
+FAKE_RATE_ENV = "CFX_AUTO_LINK_MBPS"
+SAMPLE_ELEMENTS = 1 << 16  # elements of a path's raw tensor the codec timing codes
+REPEATS = 3
+
+
+def candidates(floor: str) -> tuple[str, ...]:
+    """The candidate names from ``none`` down to `floor` inclusive."""
+    if floor not in CANDIDATES:
+        raise ValueError(f"auto floor {floor!r} is not one of {', '.join(CANDIDATES)}")
+    return CANDIDATES[: CANDIDATES.index(floor) + 1]
+
+
+def link_seconds(path: str, nbytes: int, seconds: float) -> float:
+    """The time a raw exchange of `nbytes` on `path` counts for: the measured `seconds`, or
+    ``nbytes`` at the rate ``$CFX_AUTO_LINK_MBPS`` gives (one number, or ``path=rate,...``)."""
+    fake = os.environ.get(FAKE_RATE_ENV)
+    if not fake:
+        return seconds
+    rate = None
+    for item in fake.split(","):
+        name, sep, value = item.strip().partition("=")
+        if not sep:
+            rate = float(name)
+        elif name.strip() == path:
+            rate = float(value)
+            break
+    return seconds if rate is None else nbytes / (rate * 1e6)
+
+
+class AutoSelector:
+    """Measurements, the agreed decision and its report for one `ResidualState` in auto mode."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.floor = config.auto_floor
+        self.candidates = candidates(self.floor)
+        self.decision: dict[str, str] | None = None  # path -> compression name, once agreed
+        self.report: dict[str, dict[str, Any]] = {}
+        self.decisions = 0  # how many times the ranks agreed (1 for a launch with one shape)
+        self.parsed: dict[str, tuple[str, str]] = {}  # name -> (mode, codec), for ResidualState.choice
+        self._shape: Hashable = None  # the request shape the decision was made for
+        self._requests_since = 0  # requests with coded steps since the decision
+        self._coded = False  # the current request reached a coded step under the decision
+        self._reset_measurements()
+
+    def _reset_measurements(self) -> None:
+        self._bytes: dict[str, int] = {}
+        self._seconds: dict[str, float] = {}
+        self._samples: dict[str, torch.Tensor] = {}
+        self._steps: set[int] = set()
+
+    # ----- lifecycle ----------------------------------------------------------------------------
+    @property
+    def pending(self) -> bool:
+        return self.decision is None
+
+    def begin_request(self, shape: Hashable = None) -> bool:
+        """A request starts; drop the decision when `shape` (if given) differs from the one it was
+        made for, or after ``auto_every`` requests. Returns whether it was dropped."""
+        if self.decision is None:
+            if shape is not None:
+                self._shape = shape
+            return False
+        if self._coded:  # a request nested in another's begin (the pipeline's own) is not counted
+            self._requests_since += 1
+            self._coded = False
+        every = self.config.auto_every
+        if (shape is not None and self._shape is not None and shape != self._shape) or (every and self._requests_since >= every):
+            self.decision = None
+            self._shape = shape
+            self._reset_measurements()
+            return True
+        return False
+
+    def coded_step(self) -> None:
+        """The current request reached a coded step under the decision (counts it for ``auto_every``)."""
+        self._coded = True
+
+    # ----- measurement (called by the communicator on RAW/SEED exchanges) -----------------------
+    def clock(self, step: int) -> float | None:
+        """A start time when exchanges are measured now (pending decision, warm-up step), else None."""
+        if self.decision is None and step < self.config.warmup:
+            self._steps.add(step)
+            return time.perf_counter()
+        return None
+
+    def observe(self, path: str, nbytes: int, start: float, sample: torch.Tensor | None = None) -> None:
+        """One raw exchange of `path` finished: `nbytes` this rank put on the wire since `start`."""
+        seconds = link_seconds(path, nbytes, time.perf_counter() - start)
+        self._bytes[path] = self._bytes.get(path, 0) + nbytes
+        self._seconds[path] = self._seconds.get(path, 0.0) + seconds
+        if sample is not None and sample.is_floating_point() and sample.numel():
+            self._samples[path] = sample
+
+    def measurements(self) -> dict[str, dict[str, Any]]:
+        """This rank's view per measured path: bytes per warm-up step, throughput (MB/s) and the
+        codec cost (seconds per raw byte) and payload ratio of each candidate."""
+        steps = max(len(self._steps), 1)
+        out = {}
+        for path, nbytes in self._bytes.items():
+            seconds = max(self._seconds[path], 1e-12)
+            sample = self._samples.get(path)
+            out[path] = {"bytes_per_step": nbytes / steps, "MBps": nbytes / seconds / 1e6,
+                         "codecs": _codec_costs(sample, self.candidates, self.config.error_feedback)}
+        return out
+
+    # ----- agreement -------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """What every rank must share for the decision to mean the same on both ends of a link."""
+        c = self.config
+        return {"auto floor": self.floor, "auto every": c.auto_every, "warmup": c.warmup,
+                "paths": ",".join(c.paths), "error feedback": c.error_feedback}
+
+    def agree(self) -> dict[str, str]:
+        """Measure the codecs, share everything with one world collective, decide (same on every rank)."""
+        mine = {"settings": self.settings(), "measured": self.measurements()}
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine)
+        else:
+            gathered = [mine]
+        check_settings(gathered)
+        self.decision, self.report = decide(gathered, self.candidates)
+        self.decisions += 1
+        self._requests_since = 0
+        self._samples.clear()  # no tensor of the request outlives the decision
+        return self.decision
+
+    def stats(self) -> dict[str, Any]:
+        return {path: dict(r) for path, r in self.report.items()}
+
+
+def check_settings(gathered: list[dict]) -> None:
+    """Raise one line when a rank's auto settings differ from rank 0's (every rank raises alike)."""
+    first = gathered[0]["settings"]
+    for rank, entry in enumerate(gathered[1:], start=1):
+        for name, value in entry["settings"].items():
+            if value != first.get(name):
+                raise RuntimeError(
+                    f"compression auto: rank {rank} has {name} {value!r} but rank 0 has {first.get(name)!r}; "
+                    f"launch every rank with the same --compression-* settings (a decision both ends of a link "
+                    f"do not share would corrupt the exchange)")
+
+
+def decide(gathered: list[dict], names: tuple[str, ...]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Per path measured by any rank: the name in `names` whose expected exchange time on the
+    slowest rank is least (ties: the finer one, so ``none`` first). Pure: same input, same output."""
+    paths = sorted({p for entry in gathered for p in entry["measured"]})
+    decision, report = {}, {}
+    for path in paths:
+        views = [entry["measured"][path] for entry in gathered if path in entry["measured"]]
+        expected = {}
+        for name in names:
+            worst = 0.0
+            for v in views:
+                ratio, cost = v["codecs"].get(name, (1.0, 0.0))
+                rate = max(v["MBps"], 1e-12) * 1e6
+                nbytes = v["bytes_per_step"]
+                worst = max(worst, nbytes * ratio / rate + nbytes * cost)
+            expected[name] = worst * 1e3
+        best = min(names, key=lambda n: (expected[n], names.index(n)))
+        decision[path] = best
+        report[path] = {"link_MBps": round(min(v["MBps"] for v in views), 3), "codec": best,
+                        "expected_ms": round(expected[best], 4),
+                        "candidates": {n: round(ms, 4) for n, ms in expected.items()}}
+    return decision, report
+
+
+def _codec_costs(sample: torch.Tensor | None, names: tuple[str, ...], error_feedback: bool) -> dict[str, tuple]:
+    """Per candidate: (payload bytes / raw bytes, seconds of encode_block + decode_block per raw
+    byte), timed on up to `SAMPLE_ELEMENTS` of `sample` (min of `REPEATS`). No sample: no coding."""
+    costs: dict[str, tuple] = {"none": (1.0, 0.0)}
+    if sample is None:
+        return {n: (1.0, float("inf")) if n != "none" else (1.0, 0.0) for n in names}
+    from compactfusion_xdit import codecs
+
+    x2 = sample.detach().reshape(-1, sample.shape[-1] if sample.dim() else 1)  # the codec view: (rows, last dim)
+    rows = max(1, min(x2.shape[0], SAMPLE_ELEMENTS // max(x2.shape[1], 1)))
+    x3 = x2[:rows].clone().unsqueeze(0)
+    x3 = torch.nan_to_num(x3)
+    raw = x3.numel() * x3.element_size()
+    for name in names:
+        if name == "none":
+            continue
+        codec = codecs.get(name[len("residual-"):])
+        n = codec.payload_nbytes(tuple(x3.shape[1:]), x3.dtype)
+        wire = torch.empty((1, n), dtype=torch.uint8, device=x3.device)
+        out = torch.empty_like(x3)
+        best = float("inf")
+        for _ in range(REPEATS):
+            send_base, recv_base = x3 * 0.9, x3 * 0.9
+            if x3.is_cuda:
+                torch.cuda.synchronize(x3.device)
+            start = time.perf_counter()
+            codec.encode_block(x3, send_base, wire, 0, True, error_feedback)
+            codec.decode_block(wire, 0, recv_base, out, True)
+            if x3.is_cuda:
+                torch.cuda.synchronize(x3.device)
+            best = min(best, time.perf_counter() - start)
+        costs[name] = (n / raw, best / raw)
+    return costs

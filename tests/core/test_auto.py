@@ -1,0 +1,183 @@
+"""``--compression auto``: per-path codec from the measured link (compactfusion_xdit/core/auto.py).
+
+The link rate is faked through ``$CFX_AUTO_LINK_MBPS`` (`auto.link_seconds`), so no test depends on
+real timings: a slow fake link makes coding pay (the floor wins), a fast one makes it not pay (none).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from compactfusion_xdit.cli import dry_run, yaml_config
+from compactfusion_xdit.cli import flags as cli_args
+from compactfusion_xdit.core import auto
+from compactfusion_xdit.core.config import CompressionConfig
+from compactfusion_xdit.core.residual import MessageKind, ResidualState
+from compactfusion_xdit.rank.traffic import format_auto
+from compactfusion_xdit.testing import run_ranks
+
+SLOW, FAST = "0.001", "1e9"  # MB/s
+
+
+# ----- config, flags, YAML, dry run ------------------------------------------------------------
+
+def test_auto_parses_with_its_settings_and_refuses_warmup_0_naming_the_fix():
+    config = CompressionConfig.parse("auto", auto_floor="residual-1bit", auto_every=3)
+    assert (config.mode, config.codec, config.name, config.enabled) == ("auto", "auto", "auto", True)
+    assert config.to_dict()["auto_floor"] == "residual-1bit" and config.to_dict()["auto_every"] == 3
+    with pytest.raises(ValueError, match="--compression-warmup 1 or more"):
+        CompressionConfig.parse("auto", warmup=0)
+    with pytest.raises(ValueError, match="auto floor 'int4'"):
+        CompressionConfig.parse("auto", auto_floor="int4")
+
+
+def _namespace(argv):
+    parser = argparse.ArgumentParser()
+    cli_args.add_compression_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_the_flags_build_an_auto_config_and_the_dry_run_says_it_decides_at_run_time():
+    ns = _namespace(["--compression", "auto", "--compression-auto-floor", "residual-int4",
+                     "--compression-auto-every", "5", "--compression-no-ef"])
+    config = cli_args.compression_config(ns)
+    assert (config.name, config.auto_floor, config.auto_every, config.error_feedback) == ("auto", "residual-int4", 5, False)
+    lines = dry_run._compression(ns)
+    assert any(line.startswith("  auto         decides at run time") and "residual-int4" in line for line in lines), lines
+    with pytest.raises(SystemExit):
+        _namespace(["--compression-auto-floor", "int3"])
+    with pytest.raises(ValueError, match="--compression-warmup"):
+        cli_args.compression_config(_namespace(["--compression", "auto", "--compression-warmup", "0"]))
+
+
+def test_yaml_compression_codec_auto(tmp_path):
+    path = tmp_path / "auto.yaml"
+    path.write_text("compression: {codec: auto, auto_floor: residual-1bit, auto_every: 2}\n")
+    argv = yaml_config.read(str(path)).argv()
+    config = cli_args.compression_config(_namespace(argv))
+    assert (config.name, config.auto_floor, config.auto_every) == ("auto", "residual-1bit", 2)
+
+
+# ----- the decision, in one process ------------------------------------------------------------
+
+def _view(mbps, nbytes, costs):
+    return {"bytes_per_step": nbytes, "MBps": mbps, "codecs": costs}
+
+
+def test_decide_takes_the_slowest_rank_and_prefers_none_on_ties():
+    costs = {"none": (1.0, 0.0), "residual-int8": (0.25, 1e-9), "residual-int4": (0.13, 1e-9)}
+    names = ("none", "residual-int8", "residual-int4")
+    fast = _view(1e6, 1e6, costs)
+    slow = _view(1.0, 1e6, costs)
+    decision, report = auto.decide([{"measured": {"ulysses": fast}}, {"measured": {"ulysses": slow}}], names)
+    assert decision == {"ulysses": "residual-int4"} and report["ulysses"]["link_MBps"] == 1.0
+    assert set(report["ulysses"]["candidates"]) == set(names)
+    free = {n: (1.0, 0.0) for n in names}  # coding saves nothing: none
+    assert auto.decide([{"measured": {"ring": _view(1.0, 10, free)}}], names)[0] == {"ring": "none"}
+
+
+def test_one_process_measures_in_the_warmup_then_codes_with_the_floor(monkeypatch):
+    monkeypatch.setenv(auto.FAKE_RATE_ENV, SLOW)
+    state = ResidualState(CompressionConfig.parse("auto", auto_floor="residual-int4"))
+    state.begin_request()
+    key, shape = ("ulysses", 0, "q"), (8, 16)
+    assert state.message_kind(key, shape, torch.float32) is MessageKind.SEED  # warm-up: raw, measured
+    start = state.auto_clock()
+    assert start is not None
+    state.auto_observe("ulysses", 4096, start, torch.randn(32, 16))
+    state.set_step(1)  # first coded step: decided (one rank: no collective)
+    assert state.auto.decision == {"ulysses": "residual-int4"}
+    assert state.choice(key)[0] == "residual" and state.choice(key)[1].name == "int4"
+    assert state.auto_clock() is None  # nothing measured once decided
+    assert state.stats()["auto"]["ulysses"]["codec"] == "residual-int4"
+    assert format_auto(state.stats()["auto"])[0].startswith("auto ulysses: link 0.0 MB/s -> residual-int4")
+    # unmeasured paths stay raw
+    assert state.message_kind(("ring", 0, "k"), shape, torch.float32) is MessageKind.RAW
+
+
+def test_the_decision_holds_until_the_shape_changes_or_every_n_requests(monkeypatch):
+    monkeypatch.setenv(auto.FAKE_RATE_ENV, SLOW)
+
+    def request(state, shape):
+        state.begin_request(shape)
+        state.set_step(0)
+        if state.auto.pending:
+            state.auto_observe("ulysses", 1024, state.auto_clock(), torch.randn(4, 8))
+        state.set_step(1)
+
+    state = ResidualState(CompressionConfig.parse("auto"))
+    for _ in range(3):
+        request(state, (64, 64, 4))
+    assert state.auto.decisions == 1
+    request(state, (128, 64, 4))  # a new request shape: measured again
+    assert state.auto.decisions == 2
+    every = ResidualState(CompressionConfig.parse("auto", auto_every=2))
+    for _ in range(5):
+        request(every, None)
+        every.begin_request()  # the pipeline's own begin, nested in the request: not counted
+    assert every.auto.decisions == 3  # requests 1, 3, 5
+
+
+# ----- several gloo ranks: the decision is agreed -------------------------------------------------
+
+def _auto_rank(rank: int, world: int, floors: list[str]) -> dict:
+    from compactfusion_xdit.core.session import CompressionSession
+
+    session = CompressionSession(CompressionConfig.parse("auto", auto_floor=floors[rank]))
+    comm = session.comm()
+    torch.manual_seed(rank)
+    base = torch.randn(world * 4, 32)
+    outs = []
+    try:
+        session.begin_request()
+        for step in range(3):
+            session.set_step(step)
+            x = base + 0.01 * step * torch.randn_like(base)
+            y = comm.all_to_all(("ulysses", 0, "qkv"), x)
+            kv = comm.all_gather(("patch", 0, "kv"), x)
+            outs.append((y, kv))
+    except RuntimeError as err:
+        return {"error": str(err)}
+    stats = session.stats()
+    return {"decision": session.state.auto.decision, "report": stats["auto"], "paths": stats["paths"],
+            "y_last": outs[-1][0], "kv_last": outs[-1][1], "x_last": x}
+
+
+TARGET = f"{__file__}:_auto_rank"
+
+
+def test_two_ranks_slow_ulysses_picks_the_floor_fast_patch_picks_none():
+    results = run_ranks(TARGET, 2, {"floors": ["residual-int2"] * 2},
+                        timeout=60, env={auto.FAKE_RATE_ENV: f"ulysses={SLOW},patch={FAST}"})
+    assert results[0]["decision"] == results[1]["decision"] == {"ulysses": "residual-int2", "patch": "none"}
+    assert results[0]["report"] == results[1]["report"]
+    for r in results:
+        ulysses, patch = r["paths"]["ulysses"], r["paths"]["patch"]
+        assert ulysses["coded_messages"] == 2 and ulysses["sent_bytes"] < ulysses["raw_bytes"]  # steps 1, 2 coded
+        assert patch["coded_messages"] == 0 and patch["sent_bytes"] == patch["raw_bytes"]
+    # patch sent raw: exact; ulysses coded: close to the senders' tensors
+    for me, r in enumerate(results):
+        for origin, other in enumerate(results):
+            assert torch.equal(r["kv_last"][origin], other["x_last"])
+            chunk = other["x_last"][me * 4:(me + 1) * 4]
+            assert (r["y_last"][origin * 4:(origin + 1) * 4] - chunk).abs().max() < 0.5
+
+
+def test_three_ranks_on_a_fast_link_all_pick_none():
+    results = run_ranks(TARGET, 3, {"floors": ["residual-1bit"] * 3},
+                        timeout=60, env={auto.FAKE_RATE_ENV: FAST})
+    for r in results:
+        assert r["decision"] == {"ulysses": "none", "patch": "none"}
+        assert all(p["coded_messages"] == 0 for p in r["paths"].values())
+
+
+def test_a_rank_that_would_disagree_fails_with_one_clear_line():
+    results = run_ranks(TARGET, 2, {"floors": ["residual-int2", "residual-1bit"]},
+                        timeout=60, env={auto.FAKE_RATE_ENV: SLOW})
+    for r in results:
+        assert "\n" not in r["error"]
+        assert r["error"].startswith("compression auto: rank 1 has auto floor 'residual-1bit' but rank 0 has "
+                                     "'residual-int2'"), r["error"]
