@@ -47,7 +47,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import torch

@@ -33,19 +33,7 @@ SLOW = pytest.mark.slow
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed (pip install numba)")
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    if not HAS_NUMBA:
-        pytest.skip("numba is not installed")
-    assert cpu.ensure_compiled(timeout=600), cpu.status()
-    return cpu
-
-
-@pytest.fixture(autouse=True)
-def _no_env(monkeypatch):
-    monkeypatch.delenv("CFX_CPU_KERNELS", raising=False)
-    monkeypatch.delenv("CFX_FORCE_TORCH", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+pytestmark = pytest.mark.usefixtures("cpu_kernels_env")
 
 
 def _bits(t):

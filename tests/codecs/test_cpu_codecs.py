@@ -11,7 +11,6 @@ The module-scoped fixture compiles the kernels (numba's cache makes later runs f
 """
 import importlib.util
 import os
-import threading
 
 import pytest
 import torch
@@ -36,25 +35,13 @@ def _reference():
 
 
 ref = _reference()
-#: Tests that need the compiled kernels: the path is opt-in, and a cold numba cache compiles for
+#: Tests that need the compiled kernels: a cold numba cache compiles them for
 #: about a minute, so CI leaves them to ``-m slow``.
 SLOW = pytest.mark.slow
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed (pip install numba)")
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    if not HAS_NUMBA:
-        pytest.skip("numba is not installed")
-    assert cpu.ensure_compiled(timeout=600), cpu.status()
-    return cpu
-
-
-@pytest.fixture(autouse=True)
-def _no_env(monkeypatch):
-    monkeypatch.delenv("CFX_CPU_KERNELS", raising=False)  # on by default
-    monkeypatch.delenv("CFX_FORCE_TORCH", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+pytestmark = pytest.mark.usefixtures("cpu_kernels_env")
 
 
 def _inputs(N, C, dtype, seed=0):

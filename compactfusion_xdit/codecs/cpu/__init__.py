@@ -241,6 +241,17 @@ def _block_args(where, codec_name, t3, wire2, offset, skip):
     return bits, L, N, C, nbytes, offset, skip, kind
 
 
+def _cache_ptr(where, base3, like, residual) -> tuple[int, bool]:
+    """(address of the caches, residual) for a block call; plain: like's address (unused)."""
+    if not residual:
+        return like.data_ptr(), False
+    if base3 is None:
+        raise ValueError(f"cpu {where}: residual coding needs base3 (the cache)")
+    if base3 is not like:
+        _same(where, "base3", base3, like)
+    return base3.data_ptr(), True
+
+
 def _same(where, what, t, ref):
     if t.dtype != ref.dtype or t.shape != ref.shape or not t.is_cpu or not t.is_contiguous():
         raise ValueError(f"cpu {where}: {what} must be a contiguous CPU tensor like x ({ref.dtype}, "
@@ -259,16 +270,7 @@ def encode_block(codec_name, x3, base3, wire2, offset, skip, residual, error_fee
     without error feedback) and its scale (1bit: t) bytes carry the bf16 NaN 0x7FC0 instead.
     Returns the number of such rows."""
     bits, L, N, C, nbytes, offset, skip, kind = _block_args("encode_block", codec_name, x3, wire2, offset, skip)
-    if residual:
-        if base3 is None:
-            raise ValueError("cpu encode_block: residual coding needs base3 (the cache)")
-        if base3 is not x3:
-            _same("encode_block", "base3", base3, x3)
-        pb = base3.data_ptr()
-        residual = True
-    else:
-        pb = x3.data_ptr()
-        residual = False
+    pb, residual = _cache_ptr("encode_block", base3, x3, residual)
     K = _loader._module or _compiled()
     return K.encode_block_ptr(x3.data_ptr(), pb, wire2.data_ptr(), L, N, C, nbytes, offset, skip, kind, bits,
                               residual, bool(error_feedback))
@@ -283,16 +285,7 @@ def decode_block(codec_name, wire2, offset, base3, out3, skip, residual, src3=No
     out3[skip] <- src3[skip]; otherwise out3[skip] is left alone."""
     bits, L, N, C, nbytes, offset, skip, kind = _block_args("decode_block", codec_name, out3, wire2, offset, skip)
     po = out3.data_ptr()
-    if residual:
-        if base3 is None:
-            raise ValueError("cpu decode_block: residual decoding needs base3 (the cache)")
-        if base3 is not out3:
-            _same("decode_block", "base3", base3, out3)
-        pb = base3.data_ptr()
-        residual = True
-    else:
-        pb = po
-        residual = False
+    pb, residual = _cache_ptr("decode_block", base3, out3, residual)
     if src3 is None:
         ps, has_src = po, False
     else:

@@ -209,49 +209,13 @@ def _abs_sum(r):
 @njit(**_JIT)
 def _pack(codes, bits, data, n):
     """Pack codes[:B*k] (k = 8 // bits, zero-padded) into row n of data, least significant first."""
-    B = data.shape[1]
-    if bits == 8:
-        for j in range(B):
-            data[n, j] = codes[j]
-    elif bits == 4:
-        for j in range(B):
-            data[n, j] = codes[2 * j] | (codes[2 * j + 1] << np.uint8(4))
-    elif bits == 2:
-        for j in range(B):
-            data[n, j] = (codes[4 * j] | (codes[4 * j + 1] << np.uint8(2))
-                          | (codes[4 * j + 2] << np.uint8(4)) | (codes[4 * j + 3] << np.uint8(6)))
-    else:
-        for j in range(B):
-            b = np.uint8(0)
-            for i in range(8):
-                b |= codes[8 * j + i] << np.uint8(i)
-            data[n, j] = b
+    _pack_at(codes, bits, data[n], 0, data.shape[1])
 
 
 @njit(**_JIT)
 def _unpack(data, n, bits, codes):
     """Inverse of _pack for row n: codes[:B*k]."""
-    B = data.shape[1]
-    if bits == 8:
-        for j in range(B):
-            codes[j] = data[n, j]
-    elif bits == 4:
-        for j in range(B):
-            b = data[n, j]
-            codes[2 * j] = b & np.uint8(15)
-            codes[2 * j + 1] = b >> np.uint8(4)
-    elif bits == 2:
-        for j in range(B):
-            b = data[n, j]
-            codes[4 * j] = b & np.uint8(3)
-            codes[4 * j + 1] = (b >> np.uint8(2)) & np.uint8(3)
-            codes[4 * j + 2] = (b >> np.uint8(4)) & np.uint8(3)
-            codes[4 * j + 3] = b >> np.uint8(6)
-    else:
-        for j in range(B):
-            b = data[n, j]
-            for i in range(8):
-                codes[8 * j + i] = (b >> np.uint8(i)) & np.uint8(1)
+    _unpack_at(data[n], 0, data.shape[1], bits, codes)
 
 
 # ---- int8 / int4 / int2 --------------------------------------------------------------------------

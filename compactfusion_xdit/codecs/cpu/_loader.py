@@ -148,10 +148,11 @@ def _compile_in_subprocess() -> None:
 
 
 def _load():
-    """Import the kernels and call each specialisation once (a load from numba's cache when warm)."""
+    """Import the kernels and load the block entry points from numba's cache (the rest load at
+    their first call: a process that only exchanges never pays for them)."""
     from . import _kernels, _warm
 
-    _warm.touch_all(_kernels)
+    _warm.touch_entry_points(_kernels)
     return _kernels
 
 
