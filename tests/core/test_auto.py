@@ -166,6 +166,7 @@ def test_two_ranks_slow_ulysses_picks_the_floor_fast_patch_picks_none():
             assert (r["y_last"][origin * 4:(origin + 1) * 4] - chunk).abs().max() < 0.5
 
 
+@pytest.mark.slow  # the 2-rank test covers the agreement; this one adds a third rank (CI time)
 def test_three_ranks_on_a_fast_link_all_pick_none():
     results = run_ranks(TARGET, 3, {"floors": ["residual-1bit"] * 3},
                         timeout=60, env={auto.FAKE_RATE_ENV: FAST})
