@@ -12,6 +12,7 @@
 | ``CFX_FAULT`` | `reliability.faults` | inject a failure at a scheduler step (tests), e.g. ``exit:1:3`` |
 | ``CFX_CPU_KERNELS`` | `codecs` | ``0``: code on CPU with the torch reference, not the compiled numba kernels (`codecs.cpu`, on by default once compiled) |
 | ``CFX_FORCE_TORCH`` | `codecs` | ``1``: use the torch reference codecs even where fused kernels exist |
+| ``CFX_AUTO_LINK_MBPS`` | `core.auto` | replaces the link throughput ``--compression auto`` measures, MB/s (tests, what-if runs): ``0.01`` or ``ulysses=0.01,ring=1e6`` |
 | ``CFX_LAUNCHER_PID`` | `reliability.orphans` | set by the launchers for torchrun and its ranks; a rank started after the launcher died exits at once |
 """
 
@@ -27,8 +28,9 @@ FAULT = "CFX_FAULT"
 FORCE_TORCH = "CFX_FORCE_TORCH"
 CPU_KERNELS = "CFX_CPU_KERNELS"
 LAUNCHER_PID = "CFX_LAUNCHER_PID"
+AUTO_LINK_MBPS = "CFX_AUTO_LINK_MBPS"
 
-ALL = (COMPRESSION, CACHE, COMM_TIMEOUT_S, DEBUG, FAULT, FORCE_TORCH, CPU_KERNELS, LAUNCHER_PID)
+ALL = (COMPRESSION, CACHE, COMM_TIMEOUT_S, DEBUG, FAULT, FORCE_TORCH, CPU_KERNELS, LAUNCHER_PID, AUTO_LINK_MBPS)
 
 
 def get(name: str) -> str:

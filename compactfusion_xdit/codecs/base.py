@@ -273,14 +273,10 @@ class _TorchBlock:
 
 
 def _block_backend(name: str, x3: torch.Tensor):
-    """The compiled CPU module when it takes block calls for this codec and tensor, else None
-    (the same decision as `_fused_backend`, without its per-call cost once the kernels are in)."""
-    if not x3.is_cpu or x3.dim() != 3 or _force_torch() or envs.get(envs.CPU_KERNELS) == "0" or _interpreting():
-        return None
-    cpu = _cpu_backend()
-    if cpu is None or name not in cpu.CPU_CODECS:
-        return None
-    return cpu if cpu.ready() else None
+    """The module that takes block calls for this codec and (L, N, C) tensor: `_fused_backend`'s
+    choice when it has block kernels (the compiled CPU one; Triton has none yet), else None."""
+    backend = _fused_backend(name, x3) if x3.dim() == 3 else None
+    return backend if backend is not None and hasattr(backend, "PreparedBlock") else None
 
 
 def _fused_backend(name: str, x: torch.Tensor):

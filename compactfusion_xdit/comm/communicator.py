@@ -17,8 +17,8 @@ and come straight out of the receive buffer; the caches of one exchange are view
 tensor per side (`ResidualState.stacked`), found in place at every step.
 
 Byte counts (per process, in ``state.stats()``): ``raw_bytes`` is what the uncompressed exchange
-would put on the wire from this process and ``sent_bytes`` what this one did. A rank's own chunk (all-to-all) or own tensor (all-gather, ring) never
-leaves it and is not counted.
+would put on the wire from this process and ``sent_bytes`` what this one did. A rank's own chunk
+(all-to-all) or own tensor (all-gather, ring) never leaves it and is not counted.
 
     comm = CompressedCommunicator(ResidualState(CompressionConfig.parse("residual-int4")), group)
     y = comm.all_to_all(("ulysses", layer, "qkv"), x)          # like all_to_all_single, equal splits
@@ -110,7 +110,7 @@ class CompressedCommunicator:
         signature = ("a2a", tuple(keys), tuple(chunk_shapes), dtype, device, id(g))
         plan = self._plans.get(signature)
         if plan is None:
-            plan = self._plans[signature] = _AllToAllPlan(self, keys, chunk_shapes, dtype, device, ranks, me)
+            plan = self._plans[signature] = _AllToAllPlan(keys, chunk_shapes, dtype, device, ranks, me)
         choices, kinds, layout = plan.decide(state)
         outs = [torch.empty_like(x) for x in xs]
         if any(k is MessageKind.CODED for k in kinds):
@@ -193,9 +193,8 @@ class CompressedCommunicator:
         own = link_key(key, ranks[me], "all")
         recv_links = [link_key(key, ranks[o], "all") for o in others]
         kind = state.message_kind(key, tuple(x.shape), x.dtype)
-        if kind is MessageKind.CODED and state.choice(key)[0] == "residual" and not (
-                state.has_cache("send", own, tuple(x.shape), x.dtype)
-                and state.stacked("recv", recv_links, tuple(x.shape), x.dtype, x.device) is not None):
+        if (kind is MessageKind.CODED and state.choice(key)[0] == "residual"
+                and not state.has_caches([own], recv_links, tuple(x.shape), x.dtype)):
             kind = MessageKind.SEED
         out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
         if kind is not MessageKind.CODED:
@@ -226,7 +225,7 @@ class CompressedCommunicator:
             mode, codec = state.choice(key)
             residual = mode == "residual"
             out3 = out.view(world, *shape_2d(x.shape))
-            base = state.stacked("recv", recv_links, tuple(x.shape), x.dtype, x.device) if residual else None
+            base = state.stacked("recv", recv_links, tuple(x.shape), x.dtype) if residual else None
             if residual and base is None:
                 raise RuntimeError(f"residual channel {recv_links!r} out of sync: coded step without caches")
             for lo, hi, at in peer_ranges(world, me):
@@ -400,7 +399,7 @@ class _AllToAllPlan:
     per step the message kinds and codec choices (`decide`, memoised while the step and the
     state's cache entries stay the same) with the wire layout of those codecs (`_WireLayout`)."""
 
-    def __init__(self, comm: CompressedCommunicator, keys, chunk_shapes, dtype, device, ranks, me) -> None:
+    def __init__(self, keys, chunk_shapes, dtype, device, ranks, me) -> None:
         world = len(ranks)
         peers = [p for p in range(world) if p != me]
         self.keys, self.ranks = list(keys), list(ranks)
@@ -408,7 +407,6 @@ class _AllToAllPlan:
         self.send_links = [[link_key(k, ranks[me], ranks[p]) for p in peers] for k in keys]
         self.recv_links = [[link_key(k, ranks[p], ranks[me]) for p in peers] for k in keys]
         self.shapes2 = [shape_2d(c) for c in chunk_shapes]
-        self.shapes3 = [(world, *s) for s in self.shapes2]
         self.chunk_nbytes = [math.prod(c) * dtype.itemsize for c in chunk_shapes]
         self.chunk_shapes = [tuple(c) for c in chunk_shapes]
         self.dtype, self.device = dtype, device
@@ -445,7 +443,7 @@ class _AllToAllPlan:
         if found is not None and found[0] == state.generation:
             return found[1]
         links = self.send_links[i] if side == "send" else self.recv_links[i]
-        stack = state.stacked(side, links, self.chunk_shapes[i], self.dtype, self.device)
+        stack = state.stacked(side, links, self.chunk_shapes[i], self.dtype)
         if stack is None:
             raise RuntimeError(f"residual channels {links!r} out of sync: a coded step without their caches")
         parts = [stack[at:at + hi - lo] for lo, hi, at in self.ranges]
@@ -470,13 +468,11 @@ class _AllToAllPlan:
 
     def cached(self, state: ResidualState, i: int) -> bool:
         """Whether every link of key i holds its caches on this rank (else the key seeds again)."""
-        for side in ("send", "recv"):
-            found = self._bases.get((i, side))
-            if found is None or found[0] != state.generation:
-                try:
-                    self.bases(state, i, side)
-                except RuntimeError:
-                    return False
+        try:
+            self.bases(state, i, "send")
+            self.bases(state, i, "recv")
+        except RuntimeError:
+            return False
         return True
 
 
@@ -484,7 +480,7 @@ class _WireLayout:
     """The wire of one coded all-to-all for one choice of codecs: each key's message size and
     offset in a destination's block, the send/receive buffers (the own row of the send buffer is
     never written and stays zero, so the bytes on the wire are deterministic), their per-range
-    slices, the block backend of each key (decided once) and the prepared coders.""" 
+    slices, the block backend of each key (decided once) and the prepared coders."""
 
     def __init__(self, state: ResidualState, plan: _AllToAllPlan, choices) -> None:
         world = len(plan.ranks)

@@ -63,9 +63,8 @@ class RingExchange:
 
     def _cached(self, i: int, t: torch.Tensor) -> bool:
         """Whether this rank holds every cache of part i: its own (send) and each origin's (recv)."""
-        shape, state = tuple(t.shape), self.state
-        return state.has_cache("send", self._link(i, self.me), shape, t.dtype) and all(
-            state.has_cache("recv", self._link(i, o), shape, t.dtype) for o in range(self.world) if o != self.me)
+        origins = [self._link(i, o) for o in range(self.world) if o != self.me]
+        return self.state.has_caches([self._link(i, self.me)], origins, tuple(t.shape), t.dtype)
 
     def _part(self, message: torch.Tensor, i: int) -> torch.Tensor:
         return message[self.offsets[i]:self.offsets[i] + self.sizes[i]]

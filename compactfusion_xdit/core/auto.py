@@ -24,16 +24,17 @@ Pure core: knows nothing of xfuser; the group is the default (world) process gro
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Hashable
 
 import torch
 
+from compactfusion_xdit import envs
 from compactfusion_xdit.core.config import AUTO_CANDIDATES as CANDIDATES
+from compactfusion_xdit.core.config import CompressionConfig
 
 #: Environment variable that replaces the measured link throughput (MB/s; tests, what-if runs).
-FAKE_RATE_ENV = "CFX_AUTO_LINK_MBPS"
+FAKE_RATE_ENV = envs.AUTO_LINK_MBPS
 SAMPLE_ELEMENTS = 1 << 16  # elements of a path's raw tensor the codec timing codes
 REPEATS = 3
 
@@ -48,7 +49,7 @@ def candidates(floor: str) -> tuple[str, ...]:
 def link_seconds(path: str, nbytes: int, seconds: float) -> float:
     """The time a raw exchange of `nbytes` on `path` counts for: the measured `seconds`, or
     ``nbytes`` at the rate ``$CFX_AUTO_LINK_MBPS`` gives (one number, or ``path=rate,...``)."""
-    fake = os.environ.get(FAKE_RATE_ENV)
+    fake = envs.get(FAKE_RATE_ENV)
     if not fake:
         return seconds
     rate = None
@@ -219,7 +220,7 @@ def _codec_costs(sample: torch.Tensor | None, names: tuple[str, ...], error_feed
     for name in names:
         if name == "none":
             continue
-        codec = codecs.get(name[len("residual-"):])
+        codec = codecs.get(CompressionConfig.parse(name).codec)
         n = codec.payload_nbytes(tuple(x3.shape[1:]), x3.dtype)
         wire = torch.empty((1, n), dtype=torch.uint8, device=x3.device)
         out = torch.empty_like(x3)

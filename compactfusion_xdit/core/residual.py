@@ -106,7 +106,7 @@ class ResidualState:
 
     `encode`/`decode` are the two halves of a channel; the communicator (`compactfusion_xdit.comm`)
     moves the bytes and calls `record` for the traffic it puts on the wire. A cache is a 2-D tensor
-    per link and side; `adopt` lets a communicator keep the caches of one exchange as views of one
+    per link and side; `stacked` lets a communicator keep the caches of one exchange as views of one
     stacked tensor.
     """
 
@@ -239,6 +239,12 @@ class ResidualState:
         entry = self._side(side).get(link)
         return entry is not None and entry[1] == tuple(shape) and entry[0].dtype == dtype
 
+    def has_caches(self, send_links, recv_links, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+        """Whether this end holds the send caches of `send_links` and the receive caches of
+        `recv_links` (a collective seeds its key when one is missing)."""
+        return (all(self.has_cache("send", link, shape, dtype) for link in send_links)
+                and all(self.has_cache("recv", link, shape, dtype) for link in recv_links))
+
     def wire_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype, key: Hashable | None = None) -> int:
         """Size of a CODED message of `key` at the current step (None: the default codec's): the
         codec payload, nothing else."""
@@ -294,8 +300,7 @@ class ResidualState:
         self.touched("recv", (link,))
         return y
 
-    def stacked(self, side: str, links: list, shape: tuple[int, ...], dtype: torch.dtype,
-                device: torch.device) -> torch.Tensor | None:
+    def stacked(self, side: str, links: list, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """The caches of `links` (one side) as one (len(links), *shape_2d(shape)) tensor, or None
         when one is missing. Each cache becomes a view of it (adopted once; later calls find them
         in place and return the same tensor without copying)."""
@@ -308,7 +313,7 @@ class ResidualState:
         if stack is not None and all(getattr(e[0], "_cfx_stack", None) is stack and getattr(e[0], "_cfx_index", -1) == i
                                      for i, e in enumerate(entries)) and stack.shape[0] == len(links):
             return stack
-        stack = torch.stack([e[0] for e in entries]).to(device)
+        stack = torch.stack([e[0] for e in entries])
         self._register(table, links, stack, shape)
         return stack
 
@@ -330,8 +335,11 @@ class ResidualState:
 
     def count_nonfinite(self, path: str, rows) -> None:
         """Add rows sent NaN-marked (an int or a device tensor: read only by `stats`)."""
-        if isinstance(rows, torch.Tensor) or rows:
-            self._nonfinite[path] = self._nonfinite.get(path, 0) + rows
+        held = self._nonfinite.get(path, 0)
+        if isinstance(held, torch.Tensor) and isinstance(rows, torch.Tensor) and held.device == rows.device:
+            held.add_(rows)  # the path's device counter, in place: no new tensor per message
+        elif isinstance(rows, torch.Tensor) or rows:
+            self._nonfinite[path] = held + rows
 
     # ----- stats and checks -------------------------------------------------------------------
     def record(self, path: str, kind: MessageKind, raw_bytes: int, sent_bytes: int, messages: int = 1,

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from compactfusion_xdit.comm.wire import link_key
 from compactfusion_xdit.patches._attrs import AttributePatcher
 from compactfusion_xdit.patches.pipefusion_gloo import pending_sends
 
@@ -171,7 +172,7 @@ def channel_tag(key: tuple) -> int:
 def _coded_isend(channels: PipeFusionChannels, pp, key: tuple, tensor: torch.Tensor, dst: int, group):
     k = channels.next_index("send", key)
     with channels.at_message_step(k):
-        link = (*key, torch.distributed.get_rank(), dst)
+        link = link_key(key, torch.distributed.get_rank(), dst)
         channels.log("send", key, tensor.shape, tensor.dtype, channels.kind_name(key, tensor.shape, tensor.dtype, link, "send"))
         handle = channels.session.comm(group).isend(key, tensor, dst=dst, group=group, tag=channel_tag(key))
     pending_sends(pp).append(handle)  # gloo loses sends whose work is dropped
@@ -181,7 +182,7 @@ def _coded_isend(channels: PipeFusionChannels, pp, key: tuple, tensor: torch.Ten
 def _coded_irecv(channels: PipeFusionChannels, key: tuple, out: torch.Tensor, src: int, group):
     k = channels.next_index("recv", key)
     with channels.at_message_step(k):
-        link = (*key, src, torch.distributed.get_rank())
+        link = link_key(key, src, torch.distributed.get_rank())
         channels.log("recv", key, out.shape, out.dtype, channels.kind_name(key, out.shape, out.dtype, link, "recv"))
         return channels.session.comm(group).irecv(key, out.shape, out.dtype, src=src, group=group, out=out,
                                                   tag=channel_tag(key))

@@ -27,6 +27,7 @@ tests).
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
@@ -69,11 +70,6 @@ def prefetch() -> None:
     """Start loading the kernels in the background (see `_loader.prefetch`); no-op when off."""
     if enabled() and not envs.flag(envs.FORCE_TORCH):
         _loader.prefetch()
-
-
-def ready() -> bool:
-    """Whether this process codes CPU tensors with the kernels (the first call decides)."""
-    return (_loader._module or _loader.kernels()) is not None
 
 
 def ensure_compiled(timeout: float | None = None) -> bool:
@@ -205,22 +201,27 @@ _BLOCK_BITS = {"int8": 8, "int4": 4, "int2": 2, "1bit": 1}
 
 def block_nbytes(codec_name: str, N: int, C: int) -> int:
     """Bytes of one message of an (N, C) tensor in a block (= the codec's payload_nbytes)."""
-    bits = _BLOCK_BITS[codec_name]
-    B = -(-C * bits // 8)
-    return N * B + 2 * (N + C if bits == 1 else N)
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in _layout(codec_name, (N, C)))
 
 
 def _block_args(where, codec_name, t3, wire2, offset, skip):
     """Checks shared by encode_block / decode_block; (bits, L, N, C, nbytes, offset, skip, kind)."""
-    bits = _BLOCK_BITS.get(codec_name)
-    if bits is None:
-        _check_name(codec_name)
-    kind = _KIND.get(t3.dtype)
-    if kind is None or t3.dim() != 3 or not t3.is_cpu or not t3.is_contiguous():
+    if t3.dim() != 3 or not t3.is_cpu or not t3.is_contiguous():
         raise ValueError(f"cpu {where}: expected a contiguous 3-D (links, N, C) float16/bfloat16/float32 "
                          f"CPU tensor, got {t3.dtype} of shape {tuple(t3.shape)} on {t3.device}"
                          + ("" if t3.is_contiguous() else " (not contiguous)"))
-    L, N, C = t3.shape
+    return _block_geometry(where, codec_name, tuple(t3.shape), t3.dtype, wire2, offset, skip)
+
+
+def _block_geometry(where, codec_name, shape3, dtype, wire2, offset, skip):
+    """`_block_args` for a block given by its (L, N, C) shape and dtype."""
+    bits = _BLOCK_BITS.get(codec_name)
+    if bits is None:
+        _check_name(codec_name)
+    kind = _KIND.get(dtype)
+    if kind is None:
+        raise ValueError(f"cpu {where}: expected float16/bfloat16/float32 links, got {dtype}")
+    L, N, C = shape3
     if wire2.dtype != torch.uint8 or wire2.dim() != 2 or not wire2.is_cpu or not wire2.is_contiguous():
         raise ValueError(f"cpu {where}: the wire must be a contiguous 2-D uint8 CPU tensor (links, bytes), "
                          f"got {wire2.dtype} of shape {tuple(wire2.shape)} on {wire2.device}")
@@ -232,7 +233,7 @@ def _block_args(where, codec_name, t3, wire2, offset, skip):
     if wire2.shape[0] != L or N < 1 or C < 1:
         raise ValueError(f"cpu {where}: the wire has {wire2.shape[0]} rows (links) for a tensor of shape "
                          f"{(L, N, C)}; expected {L} rows and N, C >= 1")
-    need = N * -(-C * bits // 8) + 2 * (N + C if bits == 1 else N)
+    need = block_nbytes(codec_name, N, C)
     if offset < 0 or offset + need > nbytes:
         raise ValueError(f"cpu {where}: a {codec_name} message of ({N}, {C}) takes {need} bytes: offset {offset} "
                          f"does not fit the wire's {nbytes} bytes per link")
@@ -245,17 +246,21 @@ def _cache_ptr(where, base3, like, residual) -> tuple[int, bool]:
     """(address of the caches, residual) for a block call; plain: like's address (unused)."""
     if not residual:
         return like.data_ptr(), False
-    if base3 is None:
-        raise ValueError(f"cpu {where}: residual coding needs base3 (the cache)")
     if base3 is not like:
-        _same(where, "base3", base3, like)
+        _check_cache(where, base3, like.dtype, like.shape)
     return base3.data_ptr(), True
 
 
-def _same(where, what, t, ref):
-    if t.dtype != ref.dtype or t.shape != ref.shape or not t.is_cpu or not t.is_contiguous():
-        raise ValueError(f"cpu {where}: {what} must be a contiguous CPU tensor like x ({ref.dtype}, "
-                         f"{tuple(ref.shape)}), got {t.dtype} of shape {tuple(t.shape)} on {t.device}"
+def _check_cache(where, base3, dtype, shape) -> None:
+    if base3 is None:
+        raise ValueError(f"cpu {where}: residual coding needs base3 (the cache)")
+    _same(where, "base3", base3, dtype, shape)
+
+
+def _same(where, what, t, dtype, shape):
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_cpu or not t.is_contiguous():
+        raise ValueError(f"cpu {where}: {what} must be a contiguous CPU tensor like x ({dtype}, "
+                         f"{tuple(shape)}), got {t.dtype} of shape {tuple(t.shape)} on {t.device}"
                          + ("" if t.is_contiguous() else " (not contiguous)"))
 
 
@@ -290,7 +295,7 @@ def decode_block(codec_name, wire2, offset, base3, out3, skip, residual, src3=No
         ps, has_src = po, False
     else:
         if src3 is not out3:
-            _same("decode_block", "src3", src3, out3)
+            _same("decode_block", "src3", src3, out3.dtype, out3.shape)
         ps, has_src = src3.data_ptr(), skip >= 0
     K = _loader._module or _compiled()
     K.decode_block_ptr(wire2.data_ptr(), pb, po, ps, L, N, C, nbytes, offset, skip, kind, bits, residual, has_src)
@@ -308,12 +313,10 @@ class PreparedBlock:
 
     def __init__(self, codec_name, links: int, start: int, N: int, C: int, dtype: torch.dtype, base3, wire2,
                  offset: int, residual: bool, error_feedback: bool = True) -> None:
-        probe = torch.empty((links, N, C), dtype=dtype, device="meta")
-        bits, L, N, C, nbytes, offset, _, kind = _block_args("PreparedBlock", codec_name, _Shape(probe), wire2, offset, -1)
+        bits, L, N, C, nbytes, offset, _, kind = _block_geometry("PreparedBlock", codec_name, (links, N, C), dtype,
+                                                                  wire2, offset, -1)
         if residual:
-            if base3 is None:
-                raise ValueError("cpu PreparedBlock: residual coding needs base3 (the cache)")
-            _same("PreparedBlock", "base3", base3, _Shape(probe))
+            _check_cache("PreparedBlock", base3, dtype, (L, N, C))
         pb = base3.data_ptr() if residual else 0
         self.dtype, self.shift = dtype, start * N * C * dtype.itemsize
         self.numel = (start + L) * N * C  # at least this many elements in x / out
@@ -340,19 +343,6 @@ class PreparedBlock:
         po = self._ptr(out)
         self._kernels.decode_block_ptr(pw, pb if pb else po, po, po, L, N, C, nbytes, offset, skip, kind, bits,
                                        residual, has_src)
-
-
-class _Shape:
-    """What `_block_args` / `_same` read of a tensor, for a block described by shape alone."""
-
-    def __init__(self, probe: torch.Tensor) -> None:
-        self.dtype, self.shape, self.is_cpu = probe.dtype, probe.shape, True
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def is_contiguous(self) -> bool:
-        return True
 
 
 # ---- Payload-level API (what the codec base class calls) --------------------------------------
