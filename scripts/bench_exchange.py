@@ -33,7 +33,7 @@ HERE = os.path.abspath(__file__)
 
 
 def exchange_loop(rank: int, world: int, compression: str, tokens: int, heads: int, head_dim: int, dtype: str,
-                  layers: int, steps: int) -> dict:
+                  layers: int, steps: int, exchange: str = "ulysses") -> dict:
     """Rank target: `steps` steps of `layers` layers; returns per-layer seconds of the coded steps."""
     import torch
     import torch.distributed as dist
@@ -57,8 +57,7 @@ def exchange_loop(rank: int, world: int, compression: str, tokens: int, heads: i
         dist.barrier()
         start, cpu = time.perf_counter(), time.thread_time()
         for layer in range(layers):
-            comm.all_to_all_many([("ulysses", layer, r) for r in "qkv"], xs[:3])
-            comm.all_to_all(("ulysses", layer, "out"), xs[3])
+            layer_exchange(comm, exchange, layer, xs)
         elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu
         if step >= 2:  # step 0 seeds the caches (warm-up): raw; step 1 loads the kernels and plans
             per_layer.append(elapsed / layers)
@@ -67,9 +66,32 @@ def exchange_loop(rank: int, world: int, compression: str, tokens: int, heads: i
     return {"per_layer_s": per_layer, "cpu_per_layer_s": cpu_per_layer}
 
 
+def layer_exchange(comm, exchange: str, layer: int, xs: list, group=None) -> None:
+    """One layer's traffic of `exchange` (see the module docstring) through `comm`."""
+    if exchange == "ulysses":
+        comm.all_to_all_many([("ulysses", layer, r) for r in "qkv"], xs[:3], group=group)
+        comm.all_to_all(("ulysses", layer, "out"), xs[3], group=group)
+    elif exchange == "ring":
+        for _ in comm.ring_exchange(("ring", layer), (xs[1], xs[2]), group=group):
+            pass
+    elif exchange == "all-gather":
+        comm.all_gather(("patch", layer, "k"), xs[1], group=group)
+        comm.all_gather(("patch", layer, "v"), xs[2], group=group)
+    elif exchange == "p2p":  # one PipeFusion hop: send to the next rank, receive from the previous
+        import torch.distributed as dist
+
+        me, world = dist.get_rank(group), dist.get_world_size(group)
+        sent = comm.isend(("pipefusion", layer), xs[0], dst=(me + 1) % world, group=group)
+        comm.irecv(("pipefusion", layer), xs[0].shape, xs[0].dtype, src=(me - 1) % world, group=group).wait()
+        sent.wait()
+    else:
+        raise ValueError(f"unknown exchange {exchange!r}")
+
+
 def loopback_layers(world: int, compression: str, tokens: int, heads: int, head_dim: int, dtype: str, layers: int,
-                    steps: int) -> float:
-    """Median seconds per layer of the exchange loop in one process over `testing.loopback`."""
+                    steps: int, exchange: str = "ulysses") -> float:
+    """Median CPU seconds per layer of the exchange loop in one process over `testing.loopback`
+    (no transport: every second is the caller's thread at work)."""
     import torch
 
     from compactfusion_xdit.comm import CompressedCommunicator
@@ -90,12 +112,11 @@ def loopback_layers(world: int, compression: str, tokens: int, heads: int, head_
         for step in range(steps):
             state.set_step(step)
             xs = [(b + 0.05 * step * d).to(dt) for b, d in zip(base, drift)]
-            start = time.perf_counter()
+            start = time.thread_time()  # CPU time of this thread: the same on a busy machine
             for layer in range(layers):
-                comm.all_to_all_many([("ulysses", layer, r) for r in "qkv"], xs[:3], group=counts.group)
-                comm.all_to_all(("ulysses", layer, "out"), xs[3], group=counts.group)
+                layer_exchange(comm, exchange, layer, xs, counts.group)
             if step >= 2:
-                per_layer.append((time.perf_counter() - start) / layers)
+                per_layer.append((time.thread_time() - start) / layers)
     return statistics.median(per_layer)
 
 
@@ -109,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compressions", default="none,residual-int4,residual-1bit")
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--exchange", default="ulysses", choices=["ulysses", "ring", "all-gather", "p2p"],
+                   help="what one layer moves (default: Ulysses' two all-to-alls)")
     p.add_argument("--loopback", action="store_true", help="one process, no transport: the plugin's own cost")
     p.add_argument("--repeats", type=int, default=5, help="--loopback: interleaved repeats (best median kept)")
     p.add_argument("--out", default="bench_exchange.json")
@@ -123,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.compressions.split(","):
         results = run_ranks(f"{HERE}:exchange_loop", args.ranks,
                             dict(compression=name, tokens=args.tokens, heads=args.heads, head_dim=args.head_dim,
-                                 dtype=args.dtype, layers=args.layers, steps=args.steps), timeout=600)
+                                 dtype=args.dtype, layers=args.layers, steps=args.steps, exchange=args.exchange),
+                            timeout=600)
         # a layer ends when the slowest rank is done: take the max over ranks per step
         steps = range(len(results[0]["per_layer_s"]))
         wall = [max(r["per_layer_s"][i] for r in results) for i in steps]
@@ -131,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"compression": name, "cpu_us_per_layer": 1e6 * statistics.median(cpu),
                      "wall_us_per_layer": 1e6 * statistics.median(wall)})
     stock = next((r for r in rows if r["compression"] == "none"), None)
-    print(f"ranks {args.ranks}, tokens {args.tokens}, heads {args.heads}, head_dim {args.head_dim}, {args.dtype}; "
+    print(f"{args.exchange}, ranks {args.ranks}, tokens {args.tokens}, heads {args.heads}, head_dim {args.head_dim}, {args.dtype}; "
           f"median over {args.steps - 2} steps of {args.layers} layers")
     print(f"{'compression':<18}{'cpu us/layer':>14}{'overhead':>10}{'wall us/layer':>15}{'overhead':>10}")
     for r in rows:
@@ -151,9 +175,9 @@ def _loopback_table(args) -> int:
     for _ in range(args.repeats):
         for n in names:
             best[n] = min(best[n], loopback_layers(args.ranks, n, args.tokens, args.heads, args.head_dim, args.dtype,
-                                                   args.layers, args.steps))
+                                                   args.layers, args.steps, args.exchange))
     stock = best.get("none")
-    print(f"loopback, {args.ranks} ranks (this is rank 0), tokens {args.tokens}, heads {args.heads}, "
+    print(f"{args.exchange}, loopback, {args.ranks} ranks (this is rank 0), tokens {args.tokens}, heads {args.heads}, "
           f"head_dim {args.head_dim}, {args.dtype}; best of {args.repeats} medians")
     print(f"{'compression':<18}{'us/layer':>10}{'overhead':>10}")
     rows = []

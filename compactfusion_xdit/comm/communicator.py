@@ -29,16 +29,16 @@ would put on the wire from this process and ``sent_bytes`` what this one did. A 
 
 from __future__ import annotations
 
-import math
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from compactfusion_xdit.comm import p2p
 from compactfusion_xdit.comm.pending import Pending
-from compactfusion_xdit.comm.wire import BufferPool, link_key, peer_ranges
-from compactfusion_xdit.core.residual import MessageKind, ResidualState, path_of, shape_2d
+from compactfusion_xdit.comm.plans import AllToAllPlan, GatherPlan, RecvPlan, RingPlan, SendPlan, rows_of
+from compactfusion_xdit.comm.wire import BufferPool, link_key
+from compactfusion_xdit.core.residual import MessageKind, ResidualState, path_of
 
 class CompressedCommunicator:
     """Compressed all-to-all, all-gather, ring exchange and point-to-point over a process group.
@@ -66,6 +66,18 @@ class CompressedCommunicator:
         if found is None:
             found = self._group_ranks[group] = (dist.get_process_group_ranks(group), dist.get_rank(group))
         return found
+
+    def plan(self, signature: tuple, build: Callable[[], Any]) -> Any:
+        """The plan (`comm.plans`) of an exchange signature, built by `build()` the first time."""
+        plan = self._plans.get(signature)
+        if plan is None:
+            plan = self._plans[signature] = build()
+        return plan
+
+    def _p2p_plan(self, cls, key: Hashable, src: int, dst: int, shape, dtype, device):
+        """The `SendPlan`/`RecvPlan` of link (key, src, dst) for this shape, dtype and device."""
+        return self.plan((cls, key, src, dst, tuple(shape), dtype, device),
+                         lambda: cls(key, link_key(key, src, dst), shape, dtype, device))
 
     def release_buffers(self) -> None:
         """Free the pooled wire buffers and exchange plans (they are rebuilt on demand)."""
@@ -108,9 +120,7 @@ class CompressedCommunicator:
         chunk_shapes = [(x.shape[0] // world, *x.shape[1:]) for x in xs]
         peers = [p for p in range(world) if p != me]
         signature = ("a2a", tuple(keys), tuple(chunk_shapes), dtype, device, id(g))
-        plan = self._plans.get(signature)
-        if plan is None:
-            plan = self._plans[signature] = _AllToAllPlan(keys, chunk_shapes, dtype, device, ranks, me)
+        plan = self.plan(signature, lambda: AllToAllPlan(keys, chunk_shapes, dtype, device, ranks, me))
         choices, kinds, layout = plan.decide(state)
         outs = [torch.empty_like(x) for x in xs]
         if any(k is MessageKind.CODED for k in kinds):
@@ -139,9 +149,9 @@ class CompressedCommunicator:
                 offset += n
                 if kind is MessageKind.SEED and peers:
                     state.seed_stacked("send", [link_key(key, ranks[me], ranks[p]) for p in peers],
-                                       _rows(x.view(world, -1), peers), shape)
+                                       rows_of(x.view(world, -1), peers), shape)
                     state.seed_stacked("recv", [link_key(key, ranks[p], ranks[me]) for p in peers],
-                                       _rows(out.view(world, -1), peers), shape)
+                                       rows_of(out.view(world, -1), peers), shape)
             if start is not None:
                 state.auto_observe(path_of(keys[0]), (world - 1) * sum(sizes) * xs[0].element_size(), start, xs[-1])
             return outs
@@ -186,52 +196,40 @@ class CompressedCommunicator:
         ranks, me = self._ranks(g)
         world = len(ranks)
         x = x.contiguous()
-        nbytes = x.numel() * x.element_size()
-        path = path_of(key)
         state = self.state
-        others = [o for o in range(world) if o != me]
-        own = link_key(key, ranks[me], "all")
-        recv_links = [link_key(key, ranks[o], "all") for o in others]
-        kind = state.message_kind(key, tuple(x.shape), x.dtype)
-        if (kind is MessageKind.CODED and state.choice(key)[0] == "residual"
-                and not state.has_caches([own], recv_links, tuple(x.shape), x.dtype)):
-            kind = MessageKind.SEED
+        plan = self.plan(("ag", key, tuple(x.shape), x.dtype, x.device, id(g)),
+                         lambda: GatherPlan(key, x.shape, x.dtype, x.device, ranks, me))
+        kind, choice, reseed = plan.decide(state)
         out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
         if kind is not MessageKind.CODED:
             start = state.auto_clock()
             work = dist.all_gather_into_tensor(out, x.unsqueeze(0), group=g, async_op=True)
-            reseeds = world - 1 if kind is MessageKind.SEED and state.is_reseed(key, tuple(x.shape), x.dtype) else 0
-            state.record(path, kind, (world - 1) * nbytes, (world - 1) * nbytes, world - 1, reseeds=reseeds)
+            state.record(plan.path, kind, (world - 1) * plan.nbytes, (world - 1) * plan.nbytes, world - 1,
+                         reseeds=(world - 1) * reseed)
 
             def finish_raw() -> torch.Tensor:
-                if kind is MessageKind.SEED and others:
-                    state.seed_sender(own, x)
-                    state.seed_stacked("recv", recv_links, _rows(out.view(world, -1), others), tuple(x.shape))
+                if kind is MessageKind.SEED and plan.others:
+                    state.seed_sender(plan.own, x)
+                    state.seed_stacked("recv", plan.recv_links, rows_of(out.view(world, -1), plan.others), plan.shape)
                 if start is not None:
-                    state.auto_observe(path, (world - 1) * nbytes, start, x)
+                    state.auto_observe(plan.path, (world - 1) * plan.nbytes, start, x)
                 return out
 
             pending = Pending([work], finish_raw, keep=x)
             return pending if async_op else pending.wait()
 
-        n = state.wire_nbytes(tuple(x.shape), x.dtype, key)
-        send = self.buffers.get(key, "ag-send", (n,), x.device)
-        recv = self.buffers.get(key, "ag-recv", (world, n), x.device)
-        state.encode(own, x, out=send)
-        state.record(path, kind, (world - 1) * nbytes, (world - 1) * n, world - 1)
-        work = dist.all_gather_into_tensor(recv, send.unsqueeze(0), group=g, async_op=True)
+        send, recv = plan.wires(state, choice)
+        own, receivers = plan.coders(state, choice)
+        state.count_nonfinite(plan.path, own.encode(x))
+        state.touched("send", (plan.own,))
+        state.record(plan.path, kind, (world - 1) * plan.nbytes, (world - 1) * send.numel(), world - 1)
+        work = dist.all_gather_into_tensor(recv, send, group=g, async_op=True)
 
         def finish_coded() -> torch.Tensor:
-            mode, codec = state.choice(key)
-            residual = mode == "residual"
-            out3 = out.view(world, *shape_2d(x.shape))
-            base = state.stacked("recv", recv_links, tuple(x.shape), x.dtype) if residual else None
-            if residual and base is None:
-                raise RuntimeError(f"residual channel {recv_links!r} out of sync: coded step without caches")
-            for lo, hi, at in peer_ranges(world, me):
-                codec.decode_block(recv[lo:hi], 0, None if base is None else base[at:at + hi - lo], out3[lo:hi], residual)
+            for coder in receivers:
+                coder.decode(out)
             out[me].copy_(x)
-            state.touched("recv", recv_links)
+            state.touched("recv", plan.recv_links)
             return out
 
         pending = Pending([work], finish_coded, keep=(x, send, recv))
@@ -246,22 +244,22 @@ class CompressedCommunicator:
             h = comm.isend(("pipefusion", patch_idx), x, dst=next_rank); ...; h.wait()
         """
         g = self._group(group)
-        me = dist.get_rank()
         x = x.contiguous()
-        nbytes = x.numel() * x.element_size()
-        path = path_of(key)
-        link = link_key(key, me, dst)
         state = self.state
-        kind = state.message_kind(key, tuple(x.shape), x.dtype, link, "send")
+        plan = self._p2p_plan(SendPlan, key, dist.get_rank(), dst, x.shape, x.dtype, x.device)
+        kind, choice, reseed = plan.decide(state)
         if kind is not MessageKind.CODED:
             if kind is MessageKind.SEED:
-                state.seed_sender(link, x)
-            state.record(path, kind, nbytes, nbytes,
-                         reseeds=int(kind is MessageKind.SEED and state.is_reseed(key, tuple(x.shape), x.dtype)))
+                state.seed_sender(plan.link, x)
+            state.record(plan.path, kind, plan.nbytes, plan.nbytes, reseeds=int(reseed))
             return p2p.post(g, sends=[(x, dst, tag)])[0]
-        wire = state.encode(link, x)
-        state.record(path, kind, nbytes, wire.numel())
-        return p2p.post(g, sends=[(wire, dst, tag)])[0]
+        slot = plan.slot(state, choice)
+        wire, (_, coder) = slot[0], slot[1]
+        state.count_nonfinite(plan.path, coder.encode(x))
+        state.touched("send", (plan.link,))
+        state.record(plan.path, kind, plan.nbytes, wire.numel())
+        slot[2] = sent = p2p.post(g, sends=[(wire.view(-1), dst, tag)])[0]
+        return sent
 
     def send(self, key: Hashable, x: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None, tag: int = 0) -> None:
         """Blocking `isend`."""
@@ -282,24 +280,30 @@ class CompressedCommunicator:
             out = torch.empty(shape, dtype=dtype, device=device)
         elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {shape} {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
-        link = link_key(key, src, me)
         state = self.state
-        kind = state.message_kind(key, shape, dtype, link, "recv")
+        plan = self._p2p_plan(RecvPlan, key, src, me, shape, dtype, out.device)
+        kind, choice = plan.decide(state)
         if kind is not MessageKind.CODED:
             start = state.auto_clock()
             received = p2p.post(g, recvs=[(out, src, tag)])[1]
 
             def finish_raw() -> torch.Tensor:
                 if kind is MessageKind.SEED:
-                    state.seed_receiver(link, out)
+                    state.seed_receiver(plan.link, out)
                 if start is not None:
-                    state.auto_observe(path_of(key), out.numel() * out.element_size(), start, out)
+                    state.auto_observe(plan.path, out.numel() * out.element_size(), start, out)
                 return out
 
             return Pending([received], finish_raw)
-        wire = self.buffers.get(link, "p2p-recv", (state.wire_nbytes(shape, dtype, key),), out.device)
-        received = p2p.post(g, recvs=[(wire, src, tag)])[1]
-        return Pending([received], lambda: state.decode(link, wire, shape, dtype, out=out))
+        wire, coder = plan.coder(state, choice)
+        received = p2p.post(g, recvs=[(wire.view(-1), src, tag)])[1]
+
+        def finish_coded() -> torch.Tensor:
+            coder.decode(out)
+            state.touched("recv", (plan.link,))
+            return out
+
+        return Pending([received], finish_coded)
 
     def recv(self, key: Hashable, shape: Sequence[int], dtype: torch.dtype, src: int,
              group: dist.ProcessGroup | None = None, tag: int = 0, device: torch.device | str | None = None,
@@ -360,7 +364,15 @@ class CompressedCommunicator:
         """
         from compactfusion_xdit.comm.ring_exchange import RingExchange
 
-        return RingExchange(self, key, tuple(tensors), self._group(group), tag)
+        g = self._group(group)
+        tensors = tuple(t.contiguous() for t in tensors)
+        if not tensors:
+            raise ValueError("ring_exchange needs at least one tensor")
+        ranks, me = self._ranks(g)
+        shapes, dtypes, device = [tuple(t.shape) for t in tensors], [t.dtype for t in tensors], tensors[0].device
+        plan = self.plan(("ring", key, tuple(shapes), tuple(dtypes), device, id(g)),
+                         lambda: RingPlan(key, shapes, dtypes, device, ranks, me))
+        return RingExchange(self.state, plan, tensors, g, tag)
 
     # ----- consistency ----------------------------------------------------------------------------
     def cache_mismatches(self, group: dist.ProcessGroup | None = None) -> list[str]:
@@ -384,114 +396,3 @@ class CompressedCommunicator:
         problems = self.cache_mismatches(group)
         if problems:
             raise RuntimeError("residual caches diverged:\n" + "\n".join(problems))
-
-
-def _rows(x2: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """x2[rows] for sorted row indices, without a copy when they are contiguous."""
-    if rows == list(range(rows[0], rows[-1] + 1)):
-        return x2[rows[0]:rows[-1] + 1]
-    return x2[rows]
-
-
-class _AllToAllPlan:
-    """What an all-to-all of one signature (keys, chunk shapes, dtype, device, group) needs at
-    every step, built once: link keys per key and side (peers in rank order), the peer ranges, and
-    per step the message kinds and codec choices (`decide`, memoised while the step and the
-    state's cache entries stay the same) with the wire layout of those codecs (`_WireLayout`)."""
-
-    def __init__(self, keys, chunk_shapes, dtype, device, ranks, me) -> None:
-        world = len(ranks)
-        peers = [p for p in range(world) if p != me]
-        self.keys, self.ranks = list(keys), list(ranks)
-        self.paths = [path_of(k) for k in keys]
-        self.send_links = [[link_key(k, ranks[me], ranks[p]) for p in peers] for k in keys]
-        self.recv_links = [[link_key(k, ranks[p], ranks[me]) for p in peers] for k in keys]
-        self.shapes2 = [shape_2d(c) for c in chunk_shapes]
-        self.chunk_nbytes = [math.prod(c) * dtype.itemsize for c in chunk_shapes]
-        self.chunk_shapes = [tuple(c) for c in chunk_shapes]
-        self.dtype, self.device = dtype, device
-        self.ranges = peer_ranges(world, me)
-        self.no_bases = [None] * len(self.ranges)
-        self._bases: dict[tuple[int, str], tuple[int, list]] = {}  # (key index, side) -> (generation, per range)
-        self._layouts: dict[tuple, _WireLayout] = {}  # per codec names
-        self._memo: tuple | None = None  # ((step, generation), decision)
-
-    def decide(self, state: ResidualState) -> tuple[list, list[MessageKind], _WireLayout | None]:
-        """(choices, kinds, layout) at the state's step: RAW/SEED/CODED per key (a residual key
-        whose caches are missing on this rank seeds), and the wire layout when all are coded."""
-        if self._memo is not None and self._memo[0] == (state.step, state.generation):
-            return self._memo[1]
-        kinds = [state.message_kind(k, c, self.dtype) for k, c in zip(self.keys, self.chunk_shapes)]
-        choices = [state.choice(k) for k in self.keys]
-        if all(k is MessageKind.CODED for k in kinds):
-            kinds = [MessageKind.SEED if mode == "residual" and not self.cached(state, i) else kind
-                     for i, ((mode, _), kind) in enumerate(zip(choices, kinds))]
-        layout = None
-        if kinds and all(k is MessageKind.CODED for k in kinds):
-            names = tuple(codec.name for _, codec in choices)
-            layout = self._layouts.get(names)
-            if layout is None:
-                layout = self._layouts[names] = _WireLayout(state, self, choices)
-        decision = (choices, kinds, layout)
-        self._memo = ((state.step, state.generation), decision)
-        return decision
-
-    def bases(self, state: ResidualState, i: int, side: str) -> list[torch.Tensor]:
-        """The caches of key i on `side`, one stacked slice per peer range; looked up again only
-        when the state's cache entries changed (`ResidualState.generation`)."""
-        found = self._bases.get((i, side))
-        if found is not None and found[0] == state.generation:
-            return found[1]
-        links = self.send_links[i] if side == "send" else self.recv_links[i]
-        stack = state.stacked(side, links, self.chunk_shapes[i], self.dtype)
-        if stack is None:
-            raise RuntimeError(f"residual channels {links!r} out of sync: a coded step without their caches")
-        parts = [stack[at:at + hi - lo] for lo, hi, at in self.ranges]
-        self._bases[(i, side)] = (state.generation, parts)
-        return parts
-
-    def coders(self, state: ResidualState, layout: _WireLayout, i: int, side: str) -> list:
-        """Key i's prepared block coders on `side` (`Codec.prepare_block`), one per peer range;
-        rebuilt only when the caches' entries changed."""
-        found = layout.coders.get((i, side))
-        if found is not None and found[0] == state.generation:
-            return found[1]
-        mode, codec = layout.choices[i]
-        residual = mode == "residual"
-        bases = self.bases(state, i, side) if residual else self.no_bases
-        parts = layout.send_parts if side == "send" else layout.recv_parts
-        coders = [codec.prepare_block(hi - lo, lo, self.shapes2[i], self.dtype, base, wire, layout.starts[i], residual,
-                                      state.config.error_feedback, backend=layout.backends[i])
-                  for (lo, hi, _), base, wire in zip(self.ranges, bases, parts)]
-        layout.coders[(i, side)] = (state.generation, coders)
-        return coders
-
-    def cached(self, state: ResidualState, i: int) -> bool:
-        """Whether every link of key i holds its caches on this rank (else the key seeds again)."""
-        try:
-            self.bases(state, i, "send")
-            self.bases(state, i, "recv")
-        except RuntimeError:
-            return False
-        return True
-
-
-class _WireLayout:
-    """The wire of one coded all-to-all for one choice of codecs: each key's message size and
-    offset in a destination's block, the send/receive buffers (the own row of the send buffer is
-    never written and stays zero, so the bytes on the wire are deterministic), their per-range
-    slices, the block backend of each key (decided once) and the prepared coders."""
-
-    def __init__(self, state: ResidualState, plan: _AllToAllPlan, choices) -> None:
-        world = len(plan.ranks)
-        self.wire_sizes = [state.wire_nbytes(c, plan.dtype, k) for k, c in zip(plan.keys, plan.chunk_shapes)]
-        self.starts = [sum(self.wire_sizes[:i]) for i in range(len(plan.keys))]
-        total = sum(self.wire_sizes)
-        self.send = torch.zeros((world, total), dtype=torch.uint8, device=plan.device)
-        self.recv = torch.empty((world, total), dtype=torch.uint8, device=plan.device)
-        self.send_parts = [self.send[lo:hi] for lo, hi, _ in plan.ranges]
-        self.recv_parts = [self.recv[lo:hi] for lo, hi, _ in plan.ranges]
-        sample = torch.empty((1, *plan.shapes2[0]), dtype=plan.dtype, device=plan.device)
-        self.backends = [codec.block_backend(sample) for _, codec in choices]
-        self.choices = list(choices)
-        self.coders: dict[tuple[int, str], tuple[int, list]] = {}  # (key index, side) -> (generation, coders)

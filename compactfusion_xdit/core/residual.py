@@ -129,6 +129,10 @@ class ResidualState:
         #: Bumped whenever a cache entry is added, replaced or dropped (not when a cache's values
         #: change in place): a communicator may keep what it looked up while it is unchanged.
         self.generation = 0
+        #: What the step rules depend on at the current step: the step itself under a schedule or
+        #: auto, else only whether it is a warm-up step. Message kinds and codec choices are the
+        #: same at two steps of one regime (and one `generation`), so a communicator memoises them.
+        self.regime: Any = True
         # --- auto (core/auto.py): the per-path decision, None unless the config names auto
         self.auto = None
         if AUTO in (self.config.mode, *(mode for mode, _ in self.config._rule_choices)):
@@ -147,6 +151,7 @@ class ResidualState:
         self._recv.clear()
         self._choices.clear()
         self.step = 0
+        self.regime = self._regime(0)
         self.generation += 1
 
     def set_step(self, step: int) -> None:
@@ -154,6 +159,7 @@ class ResidualState:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         self.step = step
+        self.regime = self._regime(step)
         if self.auto is not None and step >= self.config.warmup:
             if self.auto.pending:
                 self.auto.agree()  # a world collective: every rank reaches its first coded step alike
@@ -387,6 +393,9 @@ class ResidualState:
         return None if entry is None else entry[0]
 
     # ----- internals --------------------------------------------------------------------------
+    def _regime(self, step: int) -> Any:
+        return step if self.config.schedule or self.auto is not None else step < self.config.warmup
+
     def _side(self, side: str) -> dict:
         if side == "send":
             return self._send

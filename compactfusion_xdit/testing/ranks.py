@@ -146,6 +146,9 @@ def _main(spec_path: str, out_path: str) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # rank 0 holds the store: a rank done early must not take it away from one still
+            # setting up a group it is not in (gloo: "Broken pipe" in new_group)
+            dist.barrier()
             dist.destroy_process_group()
 
 
