@@ -15,6 +15,7 @@ answers the worker as it does for a wrapped pipeline.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -45,11 +46,11 @@ def sample_rate(pipe: Any) -> int | None:
 
 
 def call_arguments(pipe: Any, kwargs: dict, image_path: str | None = None) -> dict:
-    """`kwargs` (the run's settings the pipeline accepts) completed for the pipeline's own signature.
+    """`kwargs` (the run's settings) completed for the pipeline's own signature, and cut to it.
 
     Image-to-video (SVD): the conditioning ``image`` is read from `image_path`, else a fixed gradient
     (`models.tiny_seeds.default_image`); every frame is decoded in one chunk. Audio (AudioLDM2): the
-    ``pil`` output type is a waveform array (``np``)."""
+    ``pil`` output type is a waveform array (``np``); a list of prompts gets a list of negative prompts."""
     kwargs = dict(kwargs)
     name = type(pipe).__name__
     if name == "StableVideoDiffusionPipeline":
@@ -64,6 +65,11 @@ def call_arguments(pipe: Any, kwargs: dict, image_path: str | None = None) -> di
         kwargs.setdefault("image", image)
         if kwargs.get("num_frames"):
             kwargs.setdefault("decode_chunk_size", kwargs["num_frames"])
-    elif name == "AudioLDM2Pipeline" and kwargs.get("output_type") == "pil":
-        kwargs["output_type"] = "np"
-    return kwargs
+    elif name == "AudioLDM2Pipeline":
+        if kwargs.get("output_type") == "pil":
+            kwargs["output_type"] = "np"
+        prompt, negative = kwargs.get("prompt"), kwargs.get("negative_prompt")
+        if isinstance(prompt, list) and isinstance(negative, str):  # it wants both of one type
+            kwargs["negative_prompt"] = [negative] * len(prompt)
+    accepted = inspect.signature(type(pipe).__call__).parameters  # a request's prompt means nothing to SVD
+    return {k: v for k, v in kwargs.items() if k in accepted}
