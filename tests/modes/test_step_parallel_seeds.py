@@ -162,3 +162,23 @@ def test_residual_int4_step_bytes_follow_the_payload_arithmetic(model, runs):
         stats = runs[rank][model][WARMUP, "residual-int4"]["stats"]
         assert stats["paths"]["step"] == expected_step_stats(shape, rank), f"rank {rank}"
     assert torch.equal(runs[1][model][WARMUP, "residual-int4"]["output"], runs[0][model][WARMUP, "residual-int4"]["output"])
+
+
+@pytest.mark.slow
+def test_step_parallel_composes_with_ulysses_ring_and_cfg_on_cogvideox():
+    """Through the worker (``xFuserCogVideoXPipeline``): step 2 x Ulysses 2, x ring 2 and x CFG parallel 2
+    (4 ranks each) give the latents of step 2 alone (2 ranks) up to fp32 round-off, as on Flux."""
+    from compactfusion_xdit.models import tiny_seeds
+    from compactfusion_xdit.testing import free_port
+
+    tiny_seeds.materialize("tiny-cogvideox")
+    argv = ["--model", "tiny-cogvideox", "--step_parallel_degree", "2", "--step_parallel_warmup", "2",
+            "--guidance_scale", "5.0", "--prompt", "a cat", "--seed", "42", "--output_type", "latent"]
+    target = "compactfusion_xdit.testing.targets:worker_runs"
+    (alone, _), = run_ranks(target, 2, {"runs": [argv], "ports": [free_port()]}, timeout=TIMEOUT,
+                            init_process_group=False)[-1]
+    composed = [argv + ["--ulysses_degree", "2"], argv + ["--ring_degree", "2"], argv + ["--use_cfg_parallel"]]
+    out = run_ranks(target, 4, {"runs": composed, "ports": [free_port() for _ in composed]}, timeout=TIMEOUT,
+                    init_process_group=False)[-1]
+    for flags, (latents, _) in zip(composed, out):
+        assert (latents - alone).abs().max().item() <= 1e-4, flags[-2:]
