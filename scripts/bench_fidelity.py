@@ -88,6 +88,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
                    "uncompressed (the same method, --compression none)")
     g.add_argument("--extra", default="", help="worker flags appended to every --path run, e.g. "
                    "--extra='--step_parallel_warmup 1' or --extra='--compression-warmup 2'")
+    g.add_argument("--input", default="", help="worker flags appended to every --path run and to the one-process "
+                   "reference: the input, e.g. --input='--num_frames 9 --guidance_scale 5.0'")
     g.add_argument("--only-path", action="store_true", help="compress only the method's path(s) (--compression-paths)")
     g.add_argument("--check", action="store_true", help="check the residual caches agree (--compression-check)")
     opts = p.parse_args(argv)
@@ -309,7 +311,7 @@ def run_path(opts, out_dir: str | None = None) -> dict:
     items = [{"prompt": p, "seed": int(s)} for p in _prompts(opts, model) for s in opts.seeds.split(",")]
     base = ["--model", cli_plan.model_path(model), "--height", str(opts.height), "--width", str(opts.width),
             "--num_inference_steps", str(opts.steps), "--prompt", items[0]["prompt"], "--max_sequence_length", "16",
-            "--output_type", "pil" if opts.output == "waveform" else opts.output]
+            "--output_type", "pil" if opts.output == "waveform" else opts.output, *shlex.split(opts.input)]
     if "pixart" in model.lower():
         base.append("--no_use_resolution_binning")
     coded = (["--compression-paths", ",".join(paths)] if opts.only_path else []) + (
