@@ -25,7 +25,8 @@ one launch of ``--ranks`` ranks runs METHOD once per codec (``none`` first), and
 the uncompressed model; every output is kept as the pipeline returns it (``--output latent``, the
 default: the final latents). Per codec: PSNR against the single process (``--against single``) and
 against METHOD with ``--compression none`` (``--against uncompressed``), both over the reference's
-value range (``metrics.range_psnr``; with ``--output pil``, uint8 PSNR and SSIM), averaged over
+value range (``metrics.range_psnr``; with ``--output pil``, uint8 PSNR and SSIM; with ``--output waveform``,
+an audio pipeline's waveform SNR, ``metrics.snr``), averaged over
 prompts x seeds (identical outputs are counted, not averaged; all identical reads "identical"), the
 largest absolute difference, and the bytes of METHOD's path(s) summed over ranks: raw (what the
 uncompressed exchange would send), sent, raw/sent, messages; ``--check`` adds the residual-cache
@@ -79,13 +80,16 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("per-path table")
     g.add_argument("--path", default=None, choices=bench_methods.ALL_METHODS,
                    help="one method's table: PSNR vs one process / vs uncompressed, and its path's raw/sent bytes")
-    g.add_argument("--output", choices=["latent", "pil"], default="latent",
-                   help="what --path compares: the final latents (range PSNR) or the images (uint8 PSNR, SSIM)")
+    g.add_argument("--output", choices=["latent", "pil", "waveform"], default="latent",
+                   help="what --path compares: the final latents (range PSNR), the images (uint8 PSNR, SSIM) or "
+                   "an audio pipeline's waveforms (SNR)")
     g.add_argument("--against", default="single,uncompressed",
                    help="comma list of references for --path: single (one process, no compression), "
                    "uncompressed (the same method, --compression none)")
     g.add_argument("--extra", default="", help="worker flags appended to every --path run, e.g. "
                    "--extra='--step_parallel_warmup 1' or --extra='--compression-warmup 2'")
+    g.add_argument("--input", default="", help="worker flags appended to every --path run and to the one-process "
+                   "reference: the input, e.g. --input='--num_frames 9 --guidance_scale 5.0'")
     g.add_argument("--only-path", action="store_true", help="compress only the method's path(s) (--compression-paths)")
     g.add_argument("--check", action="store_true", help="check the residual caches agree (--compression-check)")
     opts = p.parse_args(argv)
@@ -273,6 +277,8 @@ def compare(reference: list, outputs: list, kind: str) -> dict:
             continue
         if kind == "latent":
             values.append(metrics.range_psnr(ref, out))
+        elif kind == "waveform":
+            values.append(metrics.snr(ref, out))
         else:
             values.append(metrics.psnr(ref, out))
             ssims.append(metrics.ssim(ref, out))
@@ -305,7 +311,7 @@ def run_path(opts, out_dir: str | None = None) -> dict:
     items = [{"prompt": p, "seed": int(s)} for p in _prompts(opts, model) for s in opts.seeds.split(",")]
     base = ["--model", cli_plan.model_path(model), "--height", str(opts.height), "--width", str(opts.width),
             "--num_inference_steps", str(opts.steps), "--prompt", items[0]["prompt"], "--max_sequence_length", "16",
-            "--output_type", opts.output]
+            "--output_type", "pil" if opts.output == "waveform" else opts.output, *shlex.split(opts.input)]
     if "pixart" in model.lower():
         base.append("--no_use_resolution_binning")
     coded = (["--compression-paths", ",".join(paths)] if opts.only_path else []) + (
@@ -369,7 +375,8 @@ def _path_line(row: dict, against: list[str]) -> str:
 
 def path_markdown(result: dict) -> str:
     against, pil = result["against"], result["output"] == "pil"
-    what = "images (uint8 PSNR, SSIM)" if pil else "final latents (PSNR over the reference's max - min)"
+    what = {"pil": "images (uint8 PSNR, SSIM)", "waveform": "waveforms (SNR; the PSNR columns hold it)"}.get(
+        result["output"], "final latents (PSNR over the reference's max - min)")
     out = [f"`{result['model']}` {result['height']}x{result['width']}, {result['steps']} steps, path "
            f"`{result['path']}` on {result['ranks']} ranks (`{' '.join(result['flags'])}`), {len(result['items'])} "
            f"item(s) (prompts x seeds); {what}; bytes of {', '.join(result['paths'])} summed over ranks.\n"]

@@ -2,6 +2,7 @@
 
     psnr(ref, img)            # dB; inf when identical; uint8 images use peak 255, floats peak 1
     range_psnr(ref, x)        # dB over the reference's value range (latents, activations)
+    snr(ref, x)               # dB of signal over error energy (audio waveforms)
     ssim(ref, img)            # mean SSIM over channels, in [-1, 1]
 
 The peak (``data_range``) is always passed explicitly: 255 for uint8, 1 for float images, and the
@@ -54,6 +55,17 @@ def range_psnr(reference, x) -> float:
     ref = np.asarray(reference, dtype=np.float64)
     arr = np.asarray(x, dtype=np.float64)
     return _psnr(ref, arr, float(ref.max() - ref.min()))
+
+
+def snr(reference, x) -> float:
+    """Signal-to-noise ratio of `x` against `reference` in dB: ``10 log10(sum ref^2 / sum (x - ref)^2)``;
+    inf when equal. For waveforms, whose peak says little about loudness. Takes tensors or arrays."""
+    ref = np.asarray(reference, dtype=np.float64)
+    arr = np.asarray(x, dtype=np.float64)
+    if ref.shape != arr.shape:
+        raise ValueError(f"shapes differ: {ref.shape} vs {arr.shape}")
+    error = float(np.sum((arr - ref) ** 2))
+    return math.inf if error == 0.0 else 10.0 * math.log10(float(np.sum(ref ** 2)) / error)
 
 
 def ssim(reference, image, window: int = 11, sigma: float = 1.5) -> float:

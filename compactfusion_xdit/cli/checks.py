@@ -63,9 +63,24 @@ def compression_config(args: argparse.Namespace):
 def check_heads(backbone: dict, ulysses: int) -> None:
     """Ulysses splits attention heads: their count (from the backbone's config) must divide."""
     heads = backbone.get("num_attention_heads")
-    if heads is not None and heads % ulysses:
+    if isinstance(heads, int) and heads % ulysses:  # a UNet lists heads per block (and runs no Ulysses)
         raise UsageError(f"the model has {heads} attention heads, not divisible by --ulysses_degree {ulysses}; "
                          f"use a Ulysses degree that divides {heads} (move the rest to --ring_degree)")
+
+
+def check_unet_pipeline(par: dict, class_name: str | None) -> None:
+    """xfuser 0.7.0 splits no UNet pipeline (SVD, AudioLDM2): only step parallelism and data parallel run them."""
+    if class_name not in registry.UNET_PIPELINES:
+        return
+    names = {"ulysses": "--ulysses_degree", "ring": "--ring_degree", "pipefusion": "--pipefusion_parallel_degree",
+             "tensor_parallel": "--tensor_parallel_degree", "patch": "--patch_parallel_degree"}
+    for key, flag in names.items():
+        if par[key] > 1:
+            raise UsageError(f"{class_name} is a UNet pipeline that xfuser cannot split; drop {flag} {par[key]} "
+                             "(run it with --step_parallel_degree)")
+    if par["cfg"] > 1:
+        raise UsageError(f"{class_name} is a UNet pipeline that xfuser cannot split; drop --use_cfg_parallel "
+                         "(run it with --step_parallel_degree)")
 
 
 def check_settings(args: argparse.Namespace, model_path: str | None, class_name: str | None,
@@ -82,6 +97,7 @@ def check_settings(args: argparse.Namespace, model_path: str | None, class_name:
             f"{par['step']}) but {world_size} ranks were launched; "
             f"launch {product} ranks or change the degrees"
         )
+    check_unet_pipeline(par, class_name)
     if model_path:
         check_heads(registry.backbone_config(model_path), par["ulysses"])
     if par["cfg"] > 1 and class_name == "FluxPipeline":

@@ -19,17 +19,28 @@ PIPELINES = {
     "PixArtAlphaPipeline": "xFuserPixArtAlphaPipeline",
     "PixArtSigmaPipeline": "xFuserPixArtSigmaPipeline",
     "StableDiffusion3Pipeline": "xFuserStableDiffusion3Pipeline",
+    "CogVideoXPipeline": "xFuserCogVideoXPipeline",
 }
 
 #: Pipelines with no xfuser wrapper class, loaded by xfuser's runner model of their class
 #: (`compactfusion_xdit.patches.runner_models`); their output is a video (``out.frames``).
 RUNNER_MODEL_PIPELINES = ("WanPipeline", "HunyuanVideoPipeline")
 
+#: UNet pipelines xfuser 0.7.0 cannot parallelise: the ``xfuser`` command loads them as plain diffusers
+#: pipelines (`compactfusion_xdit.patches.unet_pipelines`); step parallelism is their only parallel mode.
+UNET_PIPELINES = ("StableVideoDiffusionPipeline", "AudioLDM2Pipeline")
+
+#: What a pipeline's output is, where it is not images: ``frames`` (video) or ``audios`` (waveforms).
+VIDEO_PIPELINES = (*RUNNER_MODEL_PIPELINES, "CogVideoXPipeline", "StableVideoDiffusionPipeline")
+AUDIO_PIPELINES = ("AudioLDM2Pipeline",)
+
 #: Built-in models built from config by `models.tiny` (random weights, for tests and demos) or
 #: shipped trained (``digits-flux``), and the folder-loading stand-ins of `models.tiny_more`.
 TINY = ("tiny-flux", "tiny-pixart", "tiny-sd3", "digits-flux")
 TINY_MORE = ("tiny-pixart-sigma", "tiny-wan", "tiny-hunyuan-video")
-BUILTIN_MODELS = TINY + TINY_MORE
+#: The seed papers' video and audio models (`models.tiny_seeds`).
+TINY_SEEDS = ("tiny-svd", "tiny-cogvideox", "tiny-audioldm2")
+BUILTIN_MODELS = TINY + TINY_MORE + TINY_SEEDS
 
 #: What each built-in runs at unless the command line gives ``--height``, ``--width``,
 #: ``--num_inference_steps`` (``--num_frames``): xfuser's own defaults (1024x1024, 20 steps) are
@@ -45,6 +56,11 @@ NATIVE_SETTINGS = {
        for name in ("tiny-flux", "tiny-pixart", "tiny-sd3", "tiny-pixart-sigma")},
     **{name: {"height": 32, "width": 32, "num_inference_steps": 8, "num_frames": 5}
        for name in ("tiny-wan", "tiny-hunyuan-video")},
+    # CogVideoX: 9 frames -> 3 latent frames of 4x4 (2x2 tokens each); SVD: 4 frames of 16x16 latents;
+    # AudioLDM2: its UNet's sample size (0.032 s, 512 samples at 16 kHz)
+    "tiny-cogvideox": {"height": 32, "width": 32, "num_inference_steps": 8, "num_frames": 9, "max_sequence_length": 16},
+    "tiny-svd": {"height": 32, "width": 32, "num_inference_steps": 8, "num_frames": 4},
+    "tiny-audioldm2": {"num_inference_steps": 8},
 }
 
 
@@ -53,6 +69,10 @@ class ModelError(ValueError):
 
 
 def _module(name: str):
+    if name in TINY_SEEDS:
+        from compactfusion_xdit.models import tiny_seeds
+
+        return tiny_seeds
     if name in TINY_MORE:
         from compactfusion_xdit.models import tiny_more
 
@@ -99,19 +119,20 @@ def pipeline_class_name(path: str) -> str:
     """The pipeline class of the folder at `path`; ModelError unless the ranks can load it."""
     with open(os.path.join(path, "model_index.json")) as f:
         name = json.load(f).get("_class_name")
-    if name not in PIPELINES and name not in RUNNER_MODEL_PIPELINES:
-        supported = ", ".join([*PIPELINES, *RUNNER_MODEL_PIPELINES])
+    if name not in PIPELINES and name not in RUNNER_MODEL_PIPELINES and name not in UNET_PIPELINES:
+        supported = ", ".join([*PIPELINES, *RUNNER_MODEL_PIPELINES, *UNET_PIPELINES])
         raise ModelError(f"model {path!r} is a {name}; supported pipelines: {supported}")
     return name
 
 
 def backbone_config(path: str) -> dict:
-    """The backbone's ``config.json`` (``transformer/``), or {} when the folder has none."""
-    config = os.path.join(path, "transformer", "config.json")
-    if not os.path.isfile(config):
-        return {}
-    with open(config) as f:
-        return json.load(f)
+    """The backbone's ``config.json`` (``transformer/``, else ``unet/``), or {} when the folder has none."""
+    for folder in ("transformer", "unet"):
+        config = os.path.join(path, folder, "config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                return json.load(f)
+    return {}
 
 
 #: What the launchers' checks read of each built-in, known without building it (no torch import):
@@ -125,6 +146,9 @@ BUILTIN_CONFIGS: dict[str, tuple[str, dict]] = {
     "tiny-pixart-sigma": ("PixArtSigmaPipeline", {"num_attention_heads": 4}),
     "tiny-wan": ("WanPipeline", {"num_attention_heads": 4}),
     "tiny-hunyuan-video": ("HunyuanVideoPipeline", {"num_attention_heads": 4}),
+    "tiny-cogvideox": ("CogVideoXPipeline", {"num_attention_heads": 4}),
+    "tiny-svd": ("StableVideoDiffusionPipeline", {}),
+    "tiny-audioldm2": ("AudioLDM2Pipeline", {}),
 }
 
 

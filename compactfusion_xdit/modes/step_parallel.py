@@ -1,4 +1,4 @@
-"""ParaStep step parallelism (reuse-then-predict) for any ``transformer(...) -> scheduler.step(...)`` loop.
+"""ParaStep step parallelism (reuse-then-predict) for any ``transformer|unet(...) -> scheduler.step(...)`` loop.
 
 The first `warmup` steps run on every rank. Then steps go in windows of `degree` (the last window
 may be shorter). In round r of a window (step ``window_start + r``):
@@ -15,7 +15,8 @@ after the final window every rank holds the same latent.
 Nothing of the pipeline's loop is copied. `StepParallel.install(pipe)` wraps three callables of
 the pipeline's objects, on the instances only:
 
-* ``pipe.transformer.forward`` — skipped on passive rounds, which return the output this rank's
+* ``pipe.transformer.forward`` (``pipe.unet.forward`` in a pipeline without a transformer: Stable
+  Video Diffusion, AudioLDM2) — skipped on passive rounds, which return the output this rank's
   last evaluation returned at the same call index within a step (so a pipeline that mixes CFG
   branches after the call still gets a well-formed tensor; the scheduler wrapper then substitutes
   the reused/predicted noise). Wrapping ``forward`` rather than ``__call__`` keeps the call visible
@@ -114,6 +115,13 @@ def _prev_sample(out: Any) -> torch.Tensor:
     return sample
 
 
+def backbone(pipe: Any) -> Any:
+    """The denoiser the loop calls once (or once per CFG branch) per step: ``pipe.transformer``, or
+    ``pipe.unet`` where the pipeline has no transformer; None when it has neither."""
+    transformer = getattr(pipe, "transformer", None)
+    return transformer if transformer is not None else getattr(pipe, "unet", None)
+
+
 class StepParallel:
     """ParaStep over `group` (None: the world; its size must be `degree`). See the module docstring.
 
@@ -157,14 +165,14 @@ class StepParallel:
 
     # ----- installation ---------------------------------------------------------------------------
     def install(self, pipe: Any) -> None:
-        """Wrap ``pipe.transformer.forward``, ``pipe.scheduler.step`` and ``pipe.scheduler.set_timesteps``."""
+        """Wrap the backbone's ``forward`` (`backbone`), ``pipe.scheduler.step`` and ``pipe.scheduler.set_timesteps``."""
         if self._installed:
             raise RuntimeError("StepParallel is already installed; call uninstall() first")
-        transformer = getattr(pipe, "transformer", None)
+        transformer = backbone(pipe)
         scheduler = getattr(pipe, "scheduler", None)
         if transformer is None or not callable(getattr(transformer, "forward", None)):
-            raise ValueError(f"{type(pipe).__name__} has no transformer with a forward(); step parallelism "
-                             "needs a pipeline whose loop is transformer(...) -> scheduler.step(...)")
+            raise ValueError(f"{type(pipe).__name__} has no transformer or unet with a forward(); step parallelism "
+                             "needs a pipeline whose loop is transformer(...) or unet(...) -> scheduler.step(...)")
         if scheduler is None or not callable(getattr(scheduler, "step", None)) \
                 or not callable(getattr(scheduler, "set_timesteps", None)):
             raise ValueError(f"{type(pipe).__name__} has no scheduler with step() and set_timesteps(); "

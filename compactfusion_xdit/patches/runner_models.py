@@ -6,8 +6,9 @@ not a model there. `register_local_folder` reads the folder's ``model_index.json
 registered model of its pipeline class (`RUNNER_MODELS`) and registers a subclass under the
 folder's path whose ``settings.model_name`` is that path (and which asks for no Hub revision).
 
-xfuser 0.7.0 registers no PixArt model; `pixart_models` registers PixArt-alpha and -sigma runner
-models built on xfuser's own ``xFuserPixArt{Alpha,Sigma}Pipeline`` wrappers.
+xfuser 0.7.0 registers no PixArt and no CogVideoX model; `pixart_models` registers PixArt-alpha and
+-sigma runner models built on xfuser's own ``xFuserPixArt{Alpha,Sigma}Pipeline`` wrappers, and
+`cogvideox_models` a CogVideoX one on ``xFuserCogVideoXPipeline`` (Ulysses, ring, CFG parallel).
 
 `apply_cpu` (no CUDA only): the runner's placement moves the pipeline to ``cuda:<rank>`` and its
 timing uses CUDA events; on CPU the pipeline stays where it was loaded and the wall clock times it.
@@ -32,6 +33,7 @@ RUNNER_MODELS = {
     "HunyuanVideoPipeline": "HunyuanVideo",
     "PixArtAlphaPipeline": "PixArt-alpha",
     "PixArtSigmaPipeline": "PixArt-sigma",
+    "CogVideoXPipeline": "CogVideoX-2b",
 }
 
 
@@ -43,6 +45,7 @@ def registry() -> dict:
     from xfuser.model_executor.models.runner_models.base_model import MODEL_REGISTRY
 
     pixart_models()
+    cogvideox_models()
     return MODEL_REGISTRY
 
 
@@ -135,6 +138,40 @@ def pixart_models() -> dict[str, type]:
     for name in ("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "PixArt-sigma"):
         bm.register_model(name)(PixArtSigmaModel)
     return {"PixArt-alpha": PixArtAlphaModel, "PixArt-sigma": PixArtSigmaModel}
+
+
+def cogvideox_models() -> dict[str, type]:
+    """Register (once) and return a CogVideoX runner model (``xFuserCogVideoXPipeline``), which xfuser 0.7.0 lacks."""
+    from xfuser.model_executor.models.runner_models import base_model as bm
+
+    if "CogVideoX-2b" in bm.MODEL_REGISTRY:
+        return {"CogVideoX-2b": bm.MODEL_REGISTRY["CogVideoX-2b"]}
+
+    class CogVideoXModel(bm.xFuserModel):
+        capabilities = bm.ModelCapabilities(ulysses_degree=True, ring_degree=True, use_cfg_parallel=True)
+        default_input_values = bm.DefaultInputValues(height=480, width=720, num_frames=49, num_inference_steps=50,
+                                                     guidance_scale=6.0, max_sequence_length=226)
+        settings = bm.ModelSettings(model_name="THUDM/CogVideoX-2b", output_name="cogvideox", model_output_type="video",
+                                    fps=8)
+
+        def _load_model(self):
+            import xfuser
+
+            return xfuser.xFuserCogVideoXPipeline.from_pretrained(
+                pretrained_model_name_or_path=self.settings.model_name, engine_config=self.engine_config,
+                torch_dtype=torch.float16)
+
+        def _run_pipe(self, input_args: dict):
+            output = self.pipe(height=input_args["height"], width=input_args["width"], prompt=input_args["prompt"],
+                               num_frames=input_args["num_frames"], num_inference_steps=input_args["num_inference_steps"],
+                               guidance_scale=input_args["guidance_scale"],
+                               max_sequence_length=input_args["max_sequence_length"],
+                               generator=self._make_generator(input_args["seed"]))
+            return bm.DiffusionOutput(videos=output.frames if output else [], pipe_args=input_args)
+
+    for name in ("THUDM/CogVideoX-2b", "CogVideoX-2b"):
+        bm.register_model(name)(CogVideoXModel)
+    return {"CogVideoX-2b": CogVideoXModel}
 
 
 def apply_cpu(patcher: AttributePatcher) -> None:

@@ -9,6 +9,8 @@ The one output writer of the worker (``xfuser``) and the drop-in runner (``cfx-x
 
 Video: an mp4 (H.264) when PyAV (``pip install av``) is importable, else one PNG per frame in a
 folder plus the frames as ``.npy`` (uint8, frames x height x width x 3). `video_backend()` says which.
+Audio: one 16-bit PCM WAV per waveform (stdlib ``wave``) at the pipeline's sample rate, plus every
+waveform as float ``.npy`` (waveforms x samples).
 """
 
 from __future__ import annotations
@@ -111,6 +113,28 @@ def save_video(frames: Any, stem: str, fps: int) -> list[str]:
     return paths + [stem + ".npy"]
 
 
+def save_audio(waveforms: Any, stem: str, sample_rate: int) -> list[str]:
+    """Write waveforms (waveforms x samples, floats in [-1, 1]) as ``stem_<i>.wav`` (mono, 16-bit PCM)
+    and all of them as ``stem.npy`` (float32); return the paths."""
+    import wave
+
+    array = np.asarray(waveforms, dtype=np.float32)
+    array = array.reshape(-1, array.shape[-1])
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    paths = []
+    for i, waveform in enumerate(array):
+        path = f"{stem}_{i}.wav"
+        pcm = (np.clip(waveform, -1.0, 1.0) * 32767.0).round().astype("<i2")
+        with wave.open(path, "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(int(sample_rate))
+            out.writeframes(pcm.tobytes())
+        paths.append(path)
+    np.save(stem + ".npy", array)
+    return paths + [stem + ".npy"]
+
+
 def save_images(images: Sequence[Any], stem: str) -> list[str]:
     """Write PIL images as ``stem_<i>.png``; return the paths."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
@@ -125,7 +149,8 @@ def save_images(images: Sequence[Any], stem: str) -> list[str]:
 @dataclasses.dataclass
 class RequestFiles:
     """What one request writes: ``kind`` is "images" (PIL images), "videos" (one frame list per
-    video) or "latents" (a tensor); `stats` is its stats.json entry (``outputs`` is filled in)."""
+    video), "audio" (waveforms; `stats` holds ``sample_rate``) or "latents" (a tensor); `stats` is its
+    stats.json entry (``outputs`` is filled in)."""
 
     kind: str
     items: Any
@@ -136,7 +161,7 @@ def write_request_files(results: Sequence[RequestFiles], directory: str, name: s
     """Write every request's files and one ``stats.json``; return the paths written.
 
     One request: ``<name>_<i>.png`` (images), ``<name>_<i>.mp4`` (videos; frames + ``.npy`` without
-    PyAV) or ``<name>.npy`` (latents), and its stats as stats.json. Several: the same names prefixed
+    PyAV), ``<name>_<i>.wav`` + ``<name>.npy`` (audio) or ``<name>.npy`` (latents), and its stats as stats.json. Several: the same names prefixed
     ``req<NNNN>_``, and stats.json holds ``requests`` (one entry each) with the summed bytes and time.
     """
     os.makedirs(directory, exist_ok=True)
@@ -150,6 +175,8 @@ def write_request_files(results: Sequence[RequestFiles], directory: str, name: s
         elif result.kind == "videos" and result.items is not None:
             for i, video in enumerate(result.items):
                 files += save_video(video, f"{stem}_{i}", fps=fps)
+        elif result.kind == "audio" and result.items is not None:
+            files = save_audio(result.items, stem, result.stats["sample_rate"])
         elif result.items is not None:
             files = save_images(result.items, stem)
         result.stats["outputs"] = [os.path.relpath(p, directory) for p in files]

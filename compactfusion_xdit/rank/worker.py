@@ -29,7 +29,10 @@ ranks; each starts with empty caches, drops them when it ends, and is written as
 ``req<NNNN>_image_<i>.png`` (or ``req<NNNN>_latents.npy``) with one ``stats.json`` listing them.
 Rank 0 shows a progress bar over denoising steps and ends with one summary line (time, the file
 written, bytes saved, ratio). Wan2.1 T2V and HunyuanVideo folders load through xfuser's runner models
-(`patches.runner_models`) and are written as ``video_<i>.mp4`` (PNG frames + ``.npy`` without PyAV).
+(`patches.runner_models`), CogVideoX through ``xFuserCogVideoXPipeline``; videos (those and Stable
+Video Diffusion) are written as ``video_<i>.mp4`` (PNG frames + ``.npy`` without PyAV). The UNet
+pipelines (SVD, AudioLDM2) load as plain diffusers pipelines (`patches.unet_pipelines`; step
+parallelism only); AudioLDM2 writes ``audio_<i>.wav`` at its vocoder's sample rate plus ``audio.npy``.
 
 In-process use (tests): ``run_pipeline(args) -> RunResult`` with ``args`` from ``parse_args``;
 ``serve(args, requests) -> [RunResult]``; or ``load_pipeline(args)`` once, then
@@ -178,7 +181,11 @@ def load_pipeline(args: argparse.Namespace) -> Loaded:
     liveness.start_liveness()  # so a failure can name a lost rank
     engine_config.runtime_config.dtype = dtype  # sizes PipeFusion receive buffers (default fp16)
 
-    if class_name in registry.RUNNER_MODEL_PIPELINES:
+    if class_name in registry.UNET_PIPELINES:
+        from compactfusion_xdit.patches import unet_pipelines
+
+        pipe = unet_pipelines.load(model_path, engine_config, dtype)
+    elif class_name in registry.RUNNER_MODEL_PIPELINES:
         from compactfusion_xdit.patches import runner_models
 
         settings = {"prompt": input_config.prompt, "height": input_config.height, "width": input_config.width,
@@ -217,6 +224,10 @@ def call_pipeline(loaded: Loaded, args: argparse.Namespace, seed: int | None = N
     generator = torch.Generator(device="cpu").manual_seed(loaded.input_config.seed if seed is None else seed)
     kwargs = _call_kwargs(loaded.pipe, args, loaded.input_config, generator)
     kwargs.update(overrides)
+    if loaded.class_name in registry.UNET_PIPELINES:
+        from compactfusion_xdit.patches import unet_pipelines
+
+        kwargs = unet_pipelines.call_arguments(loaded.pipe, kwargs, getattr(args, "img_file_path", None))
     return loaded.pipe(**kwargs)
 
 
@@ -268,7 +279,7 @@ def _request_result(loaded: Loaded, args, world, served: serving.Served, session
     out, request = served.output, served.request
     output = None
     if is_output_rank and out is not None:
-        output = out.frames if hasattr(out, "frames") else out.images
+        output = next(getattr(out, name) for name in ("frames", "audios", "images") if hasattr(out, name))
     size = outputs.produced_size(output) or (request.height, request.width)
     requested = {} if size == (request.height, request.width) else {"requested_height": request.height,
                                                                     "requested_width": request.width}
@@ -288,11 +299,18 @@ def _request_result(loaded: Loaded, args, world, served: serving.Served, session
         "compression": loaded.config.name,
         "compression_config": loaded.config.to_dict(),
         "attention_backend": get_runtime_state().attention_backend.name,
+        **({"sample_rate": _sample_rate(loaded.pipe)} if loaded.class_name in registry.AUDIO_PIPELINES else {}),
         "cache_entries_after": session.stats()["cache_entries"] if session is not None else 0,
         "rss_bytes": resident_bytes(),
         **served.traffic,
     }
     return RunResult(world.rank, world.world_size, is_output_rank, output, stats)
+
+
+def _sample_rate(pipe) -> int | None:
+    from compactfusion_xdit.patches import unet_pipelines
+
+    return unet_pipelines.sample_rate(pipe)
 
 
 def resident_bytes() -> int | None:
@@ -308,8 +326,10 @@ def write_request_outputs(results: list[RunResult], output_dir: str, output_type
     ``video_<i>.mp4`` or ``latents.npy``, numbered ``req<NNNN>_`` when several requests were served."""
     if output_type == "latent":
         kind, name = "latents", "latents"
-    elif results[0].stats["pipeline"] in registry.RUNNER_MODEL_PIPELINES:
+    elif results[0].stats["pipeline"] in registry.VIDEO_PIPELINES:
         kind, name = "videos", "video"
+    elif results[0].stats["pipeline"] in registry.AUDIO_PIPELINES:
+        kind, name = "audio", "audio"
     else:
         kind, name = "images", "image"
     files = [outputs.RequestFiles(kind, r.output, r.stats) for r in results]
