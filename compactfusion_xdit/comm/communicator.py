@@ -129,7 +129,7 @@ class CompressedCommunicator:
         for key, kind, n, shape in zip(keys, kinds, sizes, chunk_shapes):
             nbytes = (world - 1) * n * xs[0].element_size()
             reseed = kind is MessageKind.SEED and state.is_reseed(key, shape, dtype)
-            state.record(path_of(key), kind, nbytes, nbytes, world - 1, reseeds=(world - 1) * reseed)
+            state.record(path_of(key), kind, nbytes, nbytes, world - 1, reseeds=(world - 1) * reseed, peers=plan.peer_ranks)
 
         def finish_raw() -> list[torch.Tensor]:
             offset = 0
@@ -159,7 +159,7 @@ class CompressedCommunicator:
             state.count_nonfinite(path, bad)
             state.touched("send", plan.send_links[i])
             state.record(path, MessageKind.CODED, (world - 1) * plan.chunk_nbytes[i], (world - 1) * layout.wire_sizes[i],
-                         world - 1)
+                         world - 1, peers=plan.peer_ranks)
         work = dist.all_to_all_single(layout.recv, layout.send, group=g, async_op=True)
 
         def finish_coded() -> list[torch.Tensor]:
@@ -192,7 +192,8 @@ class CompressedCommunicator:
         others = [o for o in range(world) if o != me]
         own = link_key(key, ranks[me], "all")
         recv_links = [link_key(key, ranks[o], "all") for o in others]
-        kind = state.message_kind(key, tuple(x.shape), x.dtype)
+        kind = state.message_kind(key, tuple(x.shape), x.dtype, ranks=ranks)
+        peer_ranks = [ranks[o] for o in others]
         if (kind is MessageKind.CODED and state.choice(key)[0] == "residual"
                 and not state.has_caches([own], recv_links, tuple(x.shape), x.dtype)):
             kind = MessageKind.SEED
@@ -201,7 +202,8 @@ class CompressedCommunicator:
             start = state.auto_clock()
             work = dist.all_gather_into_tensor(out, x.unsqueeze(0), group=g, async_op=True)
             reseeds = world - 1 if kind is MessageKind.SEED and state.is_reseed(key, tuple(x.shape), x.dtype) else 0
-            state.record(path, kind, (world - 1) * nbytes, (world - 1) * nbytes, world - 1, reseeds=reseeds)
+            state.record(path, kind, (world - 1) * nbytes, (world - 1) * nbytes, world - 1, reseeds=reseeds,
+                         peers=peer_ranks)
 
             def finish_raw() -> torch.Tensor:
                 if kind is MessageKind.SEED and others:
@@ -218,7 +220,7 @@ class CompressedCommunicator:
         send = self.buffers.get(key, "ag-send", (n,), x.device)
         recv = self.buffers.get(key, "ag-recv", (world, n), x.device)
         state.encode(own, x, out=send)
-        state.record(path, kind, (world - 1) * nbytes, (world - 1) * n, world - 1)
+        state.record(path, kind, (world - 1) * nbytes, (world - 1) * n, world - 1, peers=peer_ranks)
         work = dist.all_gather_into_tensor(recv, send.unsqueeze(0), group=g, async_op=True)
 
         def finish_coded() -> torch.Tensor:
@@ -252,15 +254,16 @@ class CompressedCommunicator:
         path = path_of(key)
         link = link_key(key, me, dst)
         state = self.state
-        kind = state.message_kind(key, tuple(x.shape), x.dtype, link, "send")
+        kind = state.message_kind(key, tuple(x.shape), x.dtype, link, "send", ranks=(me, dst))
         if kind is not MessageKind.CODED:
             if kind is MessageKind.SEED:
                 state.seed_sender(link, x)
             state.record(path, kind, nbytes, nbytes,
-                         reseeds=int(kind is MessageKind.SEED and state.is_reseed(key, tuple(x.shape), x.dtype)))
+                         reseeds=int(kind is MessageKind.SEED and state.is_reseed(key, tuple(x.shape), x.dtype)),
+                         peers=(dst,))
             return p2p.post(g, sends=[(x, dst, tag)])[0]
         wire = state.encode(link, x)
-        state.record(path, kind, nbytes, wire.numel())
+        state.record(path, kind, nbytes, wire.numel(), peers=(dst,))
         return p2p.post(g, sends=[(wire, dst, tag)])[0]
 
     def send(self, key: Hashable, x: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None, tag: int = 0) -> None:
@@ -284,7 +287,7 @@ class CompressedCommunicator:
             raise ValueError(f"out must be a contiguous {shape} {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
         link = link_key(key, src, me)
         state = self.state
-        kind = state.message_kind(key, shape, dtype, link, "recv")
+        kind = state.message_kind(key, shape, dtype, link, "recv", ranks=(src, me))
         if kind is not MessageKind.CODED:
             start = state.auto_clock()
             received = p2p.post(g, recvs=[(out, src, tag)])[1]
@@ -324,7 +327,9 @@ class CompressedCommunicator:
         path, link, shape = path_of(key), link_key(key, src, "all"), tuple(x.shape)
         nbytes = x.numel() * x.element_size()
         side = "send" if leader else "recv"
-        kind = MessageKind.RAW if raw else state.message_kind(key, shape, x.dtype, link, side)
+        ranks = self._ranks(g)[0]
+        kind = MessageKind.RAW if raw else state.message_kind(key, shape, x.dtype, link, side, ranks=ranks)
+        peer_ranks = [r for r in ranks if r != src]
         if kind is not MessageKind.CODED:
             start = None if raw else state.auto_clock()
             dist.broadcast(x, src=src, group=g)
@@ -334,14 +339,15 @@ class CompressedCommunicator:
                 (state.seed_sender if leader else state.seed_receiver)(link, x)
             if leader:
                 reseeds = receivers if kind is MessageKind.SEED and state.is_reseed(key, shape, x.dtype) else 0
-                state.record(path, kind, receivers * nbytes, receivers * nbytes, receivers, reseeds=reseeds)
+                state.record(path, kind, receivers * nbytes, receivers * nbytes, receivers, reseeds=reseeds,
+                             peers=peer_ranks)
             return x
         wire = self.buffers.get(key, "bcast", (state.wire_nbytes(shape, x.dtype, link),), x.device)
         if leader:
             state.encode(link, x, out=wire)
         dist.broadcast(wire, src=src, group=g)
         if leader:
-            state.record(path, kind, receivers * nbytes, receivers * wire.numel(), receivers)
+            state.record(path, kind, receivers * nbytes, receivers * wire.numel(), receivers, peers=peer_ranks)
         else:
             state.decode(link, wire, shape, x.dtype, out=x)
         return x
@@ -403,6 +409,7 @@ class _AllToAllPlan:
         world = len(ranks)
         peers = [p for p in range(world) if p != me]
         self.keys, self.ranks = list(keys), list(ranks)
+        self.peer_ranks = [ranks[p] for p in peers]  # global ranks, for the intra/inter-node byte split
         self.paths = [path_of(k) for k in keys]
         self.send_links = [[link_key(k, ranks[me], ranks[p]) for p in peers] for k in keys]
         self.recv_links = [[link_key(k, ranks[p], ranks[me]) for p in peers] for k in keys]
@@ -421,7 +428,7 @@ class _AllToAllPlan:
         whose caches are missing on this rank seeds), and the wire layout when all are coded."""
         if self._memo is not None and self._memo[0] == (state.step, state.generation):
             return self._memo[1]
-        kinds = [state.message_kind(k, c, self.dtype) for k, c in zip(self.keys, self.chunk_shapes)]
+        kinds = [state.message_kind(k, c, self.dtype, ranks=self.ranks) for k, c in zip(self.keys, self.chunk_shapes)]
         choices = [state.choice(k) for k in self.keys]
         if all(k is MessageKind.CODED for k in kinds):
             kinds = [MessageKind.SEED if mode == "residual" and not self.cached(state, i) else kind

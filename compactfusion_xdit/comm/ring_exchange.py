@@ -43,7 +43,7 @@ class RingExchange:
         self.kinds, self.sizes, self.offsets = [], [], []
         offset = 0
         for i, t in enumerate(self.tensors):
-            kind = self.state.message_kind(key, tuple(t.shape), t.dtype)
+            kind = self.state.message_kind(key, tuple(t.shape), t.dtype, ranks=self.ranks)
             if kind is MessageKind.CODED and self.state.choice(key)[0] == "residual" and not self._cached(i, t):
                 kind = MessageKind.SEED
             size = self.state.wire_nbytes(tuple(t.shape), t.dtype, key) if kind is MessageKind.CODED else t.numel() * t.element_size()
@@ -99,7 +99,7 @@ class RingExchange:
         for i, t in enumerate(self.tensors):
             nbytes = t.numel() * t.element_size()
             reseed = self.kinds[i] is MessageKind.SEED and self.state.is_reseed(self.key, tuple(t.shape), t.dtype)
-            self.state.record(self.path, self.kinds[i], nbytes, self.sizes[i], reseeds=int(reseed))
+            self.state.record(self.path, self.kinds[i], nbytes, self.sizes[i], reseeds=int(reseed), peers=(nxt,))
         return p2p.post(self.group, [(message, nxt, self.tag)], [(into, prv, self.tag)])
 
     def __iter__(self) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
