@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import threading
@@ -147,9 +148,35 @@ def start_liveness(group: dist.ProcessGroup | None = None) -> Peers | None:
     addresses: list = [None] * dist.get_world_size()
     dist.all_gather_object(addresses, (responder.address, responder.port), group=group)
     peers = Peers(dist.get_rank(), [tuple(a) for a in addresses], responder)
+    _publish(peers.addresses)
     stop_liveness()
     _CURRENT.append(peers)
     return peers
+
+
+def _publish(addresses: list[tuple[str, int]]) -> None:
+    """Local rank 0 writes the peer table where the launcher asked (``CFX_PEERS_FILE``), so the
+    launcher can probe the peers itself when a rank ends without naming them (`lost_in_file`)."""
+    path = envs.get(envs.PEERS_FILE)
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump([list(a) for a in addresses], f)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass  # the launcher's note is optional
+
+
+def lost_in_file(path: str, skip: range, timeout_s: float = PROBE_TIMEOUT_S) -> list[int]:
+    """Ranks of the peer table at `path` (`_publish`), other than `skip` (this node's own ranks,
+    which the launcher has stopped), that do not answer their probe; [] when there is no table."""
+    try:
+        with open(path) as f:
+            addresses = [tuple(a) for a in json.load(f)]
+    except (OSError, ValueError):
+        return []
+    probe = Peers(-1, addresses, None)
+    return [r for r in probe.lost_ranks(timeout_s) if r not in skip]
 
 
 def stop_liveness() -> None:

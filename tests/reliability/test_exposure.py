@@ -33,3 +33,24 @@ def test_the_responder_answers_only_on_its_address(monkeypatch):
         assert not reached
     finally:
         responder.close()
+
+
+def test_the_launcher_names_lost_peers_from_the_published_table(tmp_path, monkeypatch):
+    """Where a rank could not name its lost peers (NCCL's watchdog aborts it first), the launcher
+    probes the table the node's local rank 0 published (``CFX_PEERS_FILE``), skipping its own ranks."""
+    from compactfusion_xdit.cli import torchrun
+
+    path = str(tmp_path / "peers.json")
+    monkeypatch.setenv("CFX_PEERS_FILE", path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    alive, gone = liveness.Responder("127.0.0.1"), liveness.Responder("127.0.0.1")
+    gone.close()
+    try:
+        table = [("127.0.0.1", gone.port), ("127.0.0.1", gone.port), ("127.0.0.1", alive.port), ("127.0.0.1", gone.port)]
+        liveness._publish(table)
+        local = torchrun._local_ranks(["torchrun", "--nproc_per_node=2", "--node_rank=0", "-m", "w"])
+        assert local == range(0, 2)
+        assert liveness.lost_in_file(path, local, timeout_s=5.0) == [3]
+        assert liveness.lost_in_file(str(tmp_path / "missing.json"), local) == []
+    finally:
+        alive.close()
