@@ -31,6 +31,7 @@ setup(
         "video": ["av"],
         "flash": ["flash-attn"],
         "bench": ["matplotlib", "scikit-image", "scikit-learn"],
+        "ray": ["ray>=2.40"],  # ray_support: ranks as Ray actors (CPU or GPU), xfuser's RayDiffusionPipeline hook
     },
     entry_points={"console_scripts": ["xfuser=compactfusion_xdit.cli.launcher:main", "cfx-xdit=compactfusion_xdit.cli.xdit_command:main"]},
 )

@@ -13,6 +13,8 @@
 | ``CFX_CPU_KERNELS`` | `codecs` | ``0``: code on CPU with the torch reference, not the compiled numba kernels (`codecs.cpu`, on by default once compiled) |
 | ``CFX_FORCE_TORCH`` | `codecs` | ``1``: use the torch reference codecs even where fused kernels exist |
 | ``CFX_AUTO_LINK_MBPS`` | `core.auto` | replaces the link throughput ``--compression auto`` measures, MB/s (tests, what-if runs): ``0.01`` or ``ulysses=0.01,ring=1e6`` |
+| ``CFX_HOST`` | `core.scope` | names this rank's host for ``--compression-scope inter-node`` and the intra/inter-node byte split (default: hostname and the address of the group's interface); ranks with the same value count as one node |
+| ``CFX_PEERS_FILE`` | `reliability.liveness`, `cli.torchrun` | set by the launchers: where each node's local rank 0 writes every rank's liveness address, so the launcher can name lost peers a rank could not (NCCL's watchdog) |
 | ``CFX_LAUNCHER_PID`` | `reliability.orphans` | set by the launchers for torchrun and its ranks; a rank started after the launcher died exits at once |
 """
 
@@ -29,8 +31,10 @@ FORCE_TORCH = "CFX_FORCE_TORCH"
 CPU_KERNELS = "CFX_CPU_KERNELS"
 LAUNCHER_PID = "CFX_LAUNCHER_PID"
 AUTO_LINK_MBPS = "CFX_AUTO_LINK_MBPS"
+HOST = "CFX_HOST"
+PEERS_FILE = "CFX_PEERS_FILE"
 
-ALL = (COMPRESSION, CACHE, COMM_TIMEOUT_S, DEBUG, FAULT, FORCE_TORCH, CPU_KERNELS, LAUNCHER_PID, AUTO_LINK_MBPS)
+ALL = (COMPRESSION, CACHE, COMM_TIMEOUT_S, DEBUG, FAULT, FORCE_TORCH, CPU_KERNELS, LAUNCHER_PID, AUTO_LINK_MBPS, HOST, PEERS_FILE)
 
 
 def get(name: str) -> str:

@@ -49,7 +49,10 @@ def settings(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
-def _groups(ns: argparse.Namespace) -> list[str]:
+def _groups(ns: argparse.Namespace, nproc_per_node: int = 0) -> list[str]:
+    """xfuser's groups; on several nodes (torchrun places ranks node by node, `nproc_per_node`
+    each) whether each kind stays inside nodes or crosses them (what ``--compression-scope
+    inter-node`` codes)."""
     from compactfusion_xdit.modes import layout
     from compactfusion_xdit.patches import rank_groups
 
@@ -62,7 +65,11 @@ def _groups(ns: argparse.Namespace) -> list[str]:
     lines = []
     for name, members in groups.items():
         if members and len(members[0]) > 1:
-            lines.append(f"  {name:<13}{' '.join('[' + ','.join(map(str, g)) + ']' for g in members)}")
+            where = ""
+            if nproc_per_node and ns.nnodes > 1:
+                crosses = any(len({r // nproc_per_node for r in g}) > 1 for g in members)
+                where = "  (across nodes)" if crosses else "  (inside nodes)"
+            lines.append(f"  {name:<13}{' '.join('[' + ','.join(map(str, g)) + ']' for g in members)}{where}")
     return lines or ["  groups       none (one rank)"]
 
 
@@ -71,7 +78,8 @@ def _compression(ns: argparse.Namespace) -> list[str]:
     if not config.enabled:
         return ["  compression  none"]
     lines = [f"  compression  {config.name} (warm-up {config.warmup} step(s), paths {','.join(config.paths)}, "
-             f"error feedback {'on' if config.error_feedback else 'off'}{', cache check' if config.check else ''})"]
+             f"error feedback {'on' if config.error_feedback else 'off'}{', cache check' if config.check else ''}"
+             f"{', scope inter-node: groups inside one node stay raw' if config.scope == 'inter-node' else ''})"]
     lines += [f"  schedule     {rule}" for rule in config.schedule]
     if "auto" in (config.mode, *(str(rule.codec) for rule in config.schedule)):
         every = f"every {config.auto_every} requests" if config.auto_every else "once per launch and request shape"
@@ -114,7 +122,7 @@ def _plan(argv: list[str]) -> tuple[str, bool]:
         f"  model        {model}",
         f"  ranks        {launch.world_size} ({plan.describe_degrees(ns)}); {launch.nnodes} node(s) x "
         f"{launch.nproc_per_node}, rendezvous {launch.master_addr}",
-        *_groups(full),
+        *_groups(full, launch.nproc_per_node),
         f"  input        {full.height}x{full.width}, {full.num_inference_steps} steps, seed {full.seed}, "
         f"prompt {prompt!r}",
         *_compression(ns),

@@ -122,6 +122,10 @@ def add_compression_args(parser: argparse.ArgumentParser):
     group.add_argument(*_both_spellings("--compression-paths"), dest="compression_paths", default="all",
                        type=_compression_paths, metavar="LIST",
                        help="comma list of ulysses,ring,pipefusion,legacy,patch,step, or all (default)")
+    group.add_argument(*_both_spellings("--compression-scope"), dest="compression_scope", default="all",
+                       choices=("all", "inter-node"), metavar="SCOPE",
+                       help="all (default): code every link of the paths; inter-node: code only exchanges between "
+                       "nodes, links inside a node stay raw (multi-node runs)")
     group.add_argument(*_both_spellings("--compression-no-ef"), dest="compression_no_ef", action="store_true",
                        help="residual mode without error feedback (ablation)")
     group.add_argument(*_both_spellings("--compression-check"), dest="compression_check", action="store_true",
@@ -228,6 +232,7 @@ def compression_config(ns: argparse.Namespace):
         schedule=getattr(ns, "compression_schedule", None),
         auto_floor=getattr(ns, "compression_auto_floor", "residual-int2"),
         auto_every=getattr(ns, "compression_auto_every", 0),
+        scope=getattr(ns, "compression_scope", "all"),
     )
     modes = {config.mode} | {CompressionConfig.parse(rule.codec).mode for rule in config.schedule}
     if getattr(ns, "compression_no_ef", False) and modes != {"none"}:

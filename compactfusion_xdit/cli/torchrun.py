@@ -17,6 +17,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 
 from compactfusion_xdit import envs
@@ -56,7 +57,18 @@ def run_to_completion(cmd: list[str], env: dict[str, str], prog: str = "xfuser")
     from the kernel (parent-death signal, Linux) and stops its ranks; the ranks themselves end
     with torchrun (`compactfusion_xdit.reliability.orphans.exit_with_parent`). Call it from the
     main thread: the parent-death signal follows the thread that started torchrun."""
-    env = {**env, orphans.LAUNCHER_PID_ENV: str(os.getpid())}
+    peers_file = os.path.join(tempfile.gettempdir(), f"cfx-peers-{os.getpid()}.json")
+    env = {**env, orphans.LAUNCHER_PID_ENV: str(os.getpid()), envs.PEERS_FILE: peers_file}
+    try:
+        return _run(cmd, env, prog, peers_file)
+    finally:
+        try:
+            os.unlink(peers_file)
+        except OSError:
+            pass
+
+
+def _run(cmd: list[str], env: dict[str, str], prog: str, peers_file: str) -> int:
     quiet = cmd[1:3] == ["-m", TORCHRUN_MODULE] and not envs.flag(envs.DEBUG)
     if not quiet:
         return _supervise(subprocess.Popen(cmd, env=env, start_new_session=True,
@@ -92,6 +104,13 @@ def run_to_completion(cmd: list[str], env: dict[str, str], prog: str = "xfuser")
         how = f"was killed by {_signal_name(-status)}" if status < 0 else f"exited with status {status}"
         _write_stderr(("" if errors.at_line_start else "\n") + f"{prog}: error: rank {rank} {how} without an error message; "
                       f"set {envs.DEBUG}=1 for torchrun's report\n")
+    if not any(b" lost " in line for line in errors.seen):  # no rank named a lost peer (e.g. NCCL's watchdog)
+        from compactfusion_xdit.reliability import liveness  # imports torch: only after a failure
+
+        lost = liveness.lost_in_file(peers_file, _local_ranks(cmd))
+        if lost:
+            _write_stderr(f"{prog}: error: rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} on other "
+                          f"nodes {'do' if len(lost) > 1 else 'does'} not answer (lost: process or node gone)\n")
     return 2 if status == 2 else code
 
 
@@ -232,6 +251,16 @@ def _root_cause(report: str) -> tuple[int, int] | None:
     rank = re.search(r"^\s*rank\s*:\s*(\d+)", rest, re.MULTILINE)
     status = re.search(r"^\s*exitcode\s*:\s*(-?\d+)", rest, re.MULTILINE)
     return (int(rank.group(1)), int(status.group(1))) if rank and status else None
+
+
+def _local_ranks(cmd: list[str]) -> range:
+    """The global ranks torchrun places on this node (from its ``--nproc_per_node``/``--node_rank``)."""
+    flags = dict(arg[2:].split("=", 1) for arg in cmd if arg.startswith("--") and "=" in arg)
+    try:
+        nproc, node = int(flags.get("nproc_per_node", "0")), int(flags.get("node_rank", "0"))
+    except ValueError:
+        return range(0)
+    return range(node * nproc, (node + 1) * nproc)
 
 
 def _signal_name(number: int) -> str:

@@ -139,7 +139,7 @@ class CompressedCommunicator:
         for key, kind, n, shape in zip(keys, kinds, sizes, chunk_shapes):
             nbytes = (world - 1) * n * xs[0].element_size()
             reseed = kind is MessageKind.SEED and state.is_reseed(key, shape, dtype)
-            state.record(path_of(key), kind, nbytes, nbytes, world - 1, reseeds=(world - 1) * reseed)
+            state.record(path_of(key), kind, nbytes, nbytes, world - 1, reseeds=(world - 1) * reseed, peers=plan.peer_ranks)
 
         def finish_raw() -> list[torch.Tensor]:
             offset = 0
@@ -169,7 +169,7 @@ class CompressedCommunicator:
             state.count_nonfinite(path, bad)
             state.touched("send", plan.send_links[i])
             state.record(path, MessageKind.CODED, (world - 1) * plan.chunk_nbytes[i], (world - 1) * layout.wire_sizes[i],
-                         world - 1)
+                         world - 1, peers=plan.peer_ranks)
         work = dist.all_to_all_single(layout.recv, layout.send, group=g, async_op=True)
 
         def finish_coded() -> list[torch.Tensor]:
@@ -205,7 +205,7 @@ class CompressedCommunicator:
             start = state.auto_clock()
             work = dist.all_gather_into_tensor(out, x.unsqueeze(0), group=g, async_op=True)
             state.record(plan.path, kind, (world - 1) * plan.nbytes, (world - 1) * plan.nbytes, world - 1,
-                         reseeds=(world - 1) * reseed)
+                         reseeds=(world - 1) * reseed, peers=plan.peer_ranks)
 
             def finish_raw() -> torch.Tensor:
                 if kind is MessageKind.SEED and plan.others:
@@ -222,7 +222,8 @@ class CompressedCommunicator:
         own, receivers = plan.coders(state, choice)
         state.count_nonfinite(plan.path, own.encode(x))
         state.touched("send", (plan.own,))
-        state.record(plan.path, kind, (world - 1) * plan.nbytes, (world - 1) * send.numel(), world - 1)
+        state.record(plan.path, kind, (world - 1) * plan.nbytes, (world - 1) * send.numel(), world - 1,
+                     peers=plan.peer_ranks)
         work = dist.all_gather_into_tensor(recv, send, group=g, async_op=True)
 
         def finish_coded() -> torch.Tensor:
@@ -251,13 +252,13 @@ class CompressedCommunicator:
         if kind is not MessageKind.CODED:
             if kind is MessageKind.SEED:
                 state.seed_sender(plan.link, x)
-            state.record(plan.path, kind, plan.nbytes, plan.nbytes, reseeds=int(reseed))
+            state.record(plan.path, kind, plan.nbytes, plan.nbytes, reseeds=int(reseed), peers=(dst,))
             return p2p.post(g, sends=[(x, dst, tag)])[0]
         slot = plan.slot(state, choice)
         wire, (_, coder) = slot[0], slot[1]
         state.count_nonfinite(plan.path, coder.encode(x))
         state.touched("send", (plan.link,))
-        state.record(plan.path, kind, plan.nbytes, wire.numel())
+        state.record(plan.path, kind, plan.nbytes, wire.numel(), peers=(dst,))
         slot[2] = sent = p2p.post(g, sends=[(wire.view(-1), dst, tag)])[0]
         return sent
 
@@ -328,7 +329,9 @@ class CompressedCommunicator:
         path, link, shape = path_of(key), link_key(key, src, "all"), tuple(x.shape)
         nbytes = x.numel() * x.element_size()
         side = "send" if leader else "recv"
-        kind = MessageKind.RAW if raw else state.message_kind(key, shape, x.dtype, link, side)
+        ranks = self._ranks(g)[0]
+        kind = MessageKind.RAW if raw else state.message_kind(key, shape, x.dtype, link, side, ranks=ranks)
+        peer_ranks = [r for r in ranks if r != src]
         if kind is not MessageKind.CODED:
             start = None if raw else state.auto_clock()
             dist.broadcast(x, src=src, group=g)
@@ -338,14 +341,15 @@ class CompressedCommunicator:
                 (state.seed_sender if leader else state.seed_receiver)(link, x)
             if leader:
                 reseeds = receivers if kind is MessageKind.SEED and state.is_reseed(key, shape, x.dtype) else 0
-                state.record(path, kind, receivers * nbytes, receivers * nbytes, receivers, reseeds=reseeds)
+                state.record(path, kind, receivers * nbytes, receivers * nbytes, receivers, reseeds=reseeds,
+                             peers=peer_ranks)
             return x
         wire = self.buffers.get(key, "bcast", (state.wire_nbytes(shape, x.dtype, link),), x.device)
         if leader:
             state.encode(link, x, out=wire)
         dist.broadcast(wire, src=src, group=g)
         if leader:
-            state.record(path, kind, receivers * nbytes, receivers * wire.numel(), receivers)
+            state.record(path, kind, receivers * nbytes, receivers * wire.numel(), receivers, peers=peer_ranks)
         else:
             state.decode(link, wire, shape, x.dtype, out=x)
         return x

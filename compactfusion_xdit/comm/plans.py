@@ -72,6 +72,7 @@ class AllToAllPlan:
         world = len(ranks)
         peers = [p for p in range(world) if p != me]
         self.keys, self.ranks = list(keys), list(ranks)
+        self.peer_ranks = [ranks[p] for p in peers]  # global ranks, for the intra/inter-node byte split
         self.paths = [path_of(k) for k in keys]
         self.send_links = [[link_key(k, ranks[me], ranks[p]) for p in peers] for k in keys]
         self.recv_links = [[link_key(k, ranks[p], ranks[me]) for p in peers] for k in keys]
@@ -91,7 +92,7 @@ class AllToAllPlan:
         found = self._decision.get(state)
         if found is not None:
             return found
-        kinds = [state.message_kind(k, c, self.dtype) for k, c in zip(self.keys, self.chunk_shapes)]
+        kinds = [state.message_kind(k, c, self.dtype, ranks=self.ranks) for k, c in zip(self.keys, self.chunk_shapes)]
         choices = [state.choice(k) for k in self.keys]
         if all(k is MessageKind.CODED for k in kinds):
             kinds = [MessageKind.SEED if mode == "residual" and not self.cached(state, i) else kind
@@ -180,6 +181,7 @@ class GatherPlan:
         self.others = [o for o in range(world) if o != me]
         self.own = link_key(key, ranks[me], "all")
         self.recv_links = [link_key(key, ranks[o], "all") for o in self.others]
+        self.ranks, self.peer_ranks = list(ranks), [ranks[o] for o in self.others]
         self.ranges = peer_ranges(world, me)
         self.world = world
         self._kind = _Stamped()
@@ -192,7 +194,7 @@ class GatherPlan:
         found = self._kind.get(state)
         if found is not None:
             return found
-        kind = state.message_kind(self.key, self.shape, self.dtype)
+        kind = state.message_kind(self.key, self.shape, self.dtype, ranks=self.ranks)
         choice = state.choice(self.key)
         if (kind is MessageKind.CODED and choice[0] == "residual"
                 and not state.has_caches([self.own], self.recv_links, self.shape, self.dtype)):
@@ -257,7 +259,7 @@ class RingPlan:
         kinds, choices, sizes, offsets, reseeds = [], [], [], [], []
         offset = 0
         for i, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes)):
-            kind = state.message_kind(self.key, shape, dtype)
+            kind = state.message_kind(self.key, shape, dtype, ranks=self.ranks)
             choice = state.choice(self.key)
             if kind is MessageKind.CODED and choice[0] == "residual":
                 peers = [self.links[i][o] for o in range(self.world) if o != self.me]
@@ -315,7 +317,7 @@ class SendPlan:
         found = self._kind.get(state)
         if found is not None:
             return found
-        kind = state.message_kind(self.key, self.shape, self.dtype, self.link, "send")
+        kind = state.message_kind(self.key, self.shape, self.dtype, self.link, "send", ranks=self.link[-2:])
         reseed = kind is MessageKind.SEED and state.is_reseed(self.key, self.shape, self.dtype)
         return self._kind.put(state, (kind, state.choice(self.key), reseed))
 
@@ -349,7 +351,7 @@ class RecvPlan:
         found = self._kind.get(state)
         if found is not None:
             return found
-        kind = state.message_kind(self.key, self.shape, self.dtype, self.link, "recv")
+        kind = state.message_kind(self.key, self.shape, self.dtype, self.link, "recv", ranks=self.link[-2:])
         return self._kind.put(state, (kind, state.choice(self.key)))
 
     def coder(self, state: ResidualState, choice) -> tuple[torch.Tensor, object]:

@@ -77,9 +77,9 @@ class RingExchange:
         """Send `message` to the next rank, receive the next into `into`."""
         plan = self.plan
         _, _, sizes, _, reseeds = self.layout
-        for i, kind in enumerate(self.kinds):
-            self.state.record(plan.path, kind, plan.nbytes[i], sizes[i], reseeds=reseeds[i])
         nxt, prv = plan.ranks[(plan.me + 1) % plan.world], plan.ranks[(plan.me - 1) % plan.world]
+        for i, kind in enumerate(self.kinds):
+            self.state.record(plan.path, kind, plan.nbytes[i], sizes[i], reseeds=reseeds[i], peers=(nxt,))
         return p2p.post(self.group, [(message, nxt, self.tag)], [(into, prv, self.tag)])
 
     def __iter__(self) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:

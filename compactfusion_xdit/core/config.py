@@ -6,6 +6,7 @@
     CompressionConfig.parse("residual-lowrank-8", warmup=2, paths="ulysses,ring")
     CompressionConfig.parse("none")                     # no compression: the raw collectives
     CompressionConfig.parse("auto", auto_floor="residual-int4")  # per path from the measured link (core/auto.py)
+    CompressionConfig.parse("residual-int4", scope="inter-node")  # code only the links between nodes (core/scope.py)
 
 Names: ``none``; ``<codec>`` or ``plain-<codec>`` (plain mode: the codec codes x itself);
 ``residual-<codec>`` (residual mode with error feedback) and ``residual-<codec>-noef`` (without).
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from compactfusion_xdit.core.schedule import ScheduleRule, parse_schedule
+from compactfusion_xdit.core.scope import check_scope
 
 #: The communication paths a config can switch on; a channel key's first element is one of these.
 PATHS = ("ulysses", "ring", "pipefusion", "legacy", "patch", "step")
@@ -114,6 +116,9 @@ class CompressionConfig:
     #: decision holds (0: the whole launch, unless the request shape changes).
     auto_floor: str = "residual-int2"
     auto_every: int = 0
+    #: ``all``: every link of the paths above; ``inter-node``: only exchanges whose ranks sit on
+    #: more than one host, the rest raw (`compactfusion_xdit.core.scope`).
+    scope: str = "all"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -129,6 +134,7 @@ class CompressionConfig:
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an integer >= 0 (raw steps at the start of a request), got {self.warmup!r}")
         object.__setattr__(self, "paths", _normalise_paths(self.paths))
+        check_scope(self.scope)
         if self.codec not in ("none", AUTO):
             _check_codec(self.codec, self.codec)
         object.__setattr__(self, "schedule", _resolve_schedule(self.schedule))

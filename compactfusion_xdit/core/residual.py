@@ -53,6 +53,7 @@ import torch
 
 from compactfusion_xdit.core.config import AUTO, PATHS, CompressionConfig
 from compactfusion_xdit.core.schedule import layer_of
+from compactfusion_xdit.core.scope import LINK_CLASSES
 
 #: dtypes the codecs code; every other dtype travels raw.
 CODED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -140,6 +141,10 @@ class ResidualState:
 
             self.auto = AutoSelector(self.config)
         # --- end auto
+        #: The hosts of the ranks (`core.scope.LinkScope`), set once at start by the session; None
+        #: until then (every exchange of a compressed path may be coded, no intra/inter split).
+        self.scope = None
+        self._links: dict[str, dict[str, list[int]]] = {}  # path -> link class -> [raw, sent, messages]
 
     # ----- lifecycle -------------------------------------------------------------------------
     def begin_request(self, shape: Hashable = None) -> None:
@@ -181,6 +186,7 @@ class ResidualState:
     def reset_stats(self) -> None:
         self._stats.clear()
         self._nonfinite.clear()
+        self._links.clear()
 
     # ----- protocol ----------------------------------------------------------------------------
     def choice(self, key: Hashable, step: int | None = None) -> tuple[str, Any]:
@@ -198,13 +204,16 @@ class ResidualState:
         return chosen
 
     def message_kind(self, key: Hashable, shape: tuple[int, ...], dtype: torch.dtype,
-                     link: Hashable | None = None, side: str = "send") -> MessageKind:
+                     link: Hashable | None = None, side: str = "send", ranks=None) -> MessageKind:
         """RAW, SEED or CODED for a message of `key` at the current step (same on both ends).
 
         Give the `link` (and this end's `side`) of the message: a coded residual message becomes a
         SEED when that cache is missing (both ends hold or lack it together). Without a link only
-        the step rules apply (a coded message then needs its caches in place)."""
-        if not self.config.compresses(path_of(key)) or dtype not in CODED_DTYPES or math.prod(shape) == 0:
+        the step rules apply (a coded message then needs its caches in place). `ranks`: the global
+        ranks of the exchange; outside the scope (`core.scope`, e.g. all on one host with scope
+        inter-node) the message is RAW for good: never seeded, never cached."""
+        if (not self.config.compresses(path_of(key)) or dtype not in CODED_DTYPES or math.prod(shape) == 0
+                or (ranks is not None and self.scope is not None and not self.scope.codes(ranks))):
             return MessageKind.RAW
         mode = self.choice(key)[0]
         if mode == "none":  # scheduled raw: seed when the next step codes a residual
@@ -349,15 +358,29 @@ class ResidualState:
 
     # ----- stats and checks -------------------------------------------------------------------
     def record(self, path: str, kind: MessageKind, raw_bytes: int, sent_bytes: int, messages: int = 1,
-               reseeds: int = 0) -> None:
+               reseeds: int = 0, peers=None) -> None:
         """Count traffic this process put on the wire (called by the communicator); `reseeds`: how
-        many of the messages are SEEDs after the warm-up (a new or reset cache)."""
+        many of the messages are SEEDs after the warm-up (a new or reset cache); `peers`: the global
+        ranks the messages went to, one equal share each (split into intra- and inter-node bytes
+        once the hosts are known)."""
         s = self._path_stats(path)
         s["messages"] += messages
         s["raw_bytes"] += raw_bytes
         s["sent_bytes"] += sent_bytes
         s["coded_messages" if kind is MessageKind.CODED else "raw_messages"] += messages
         s["reseeds"] += reseeds
+        if peers and self.scope is not None:
+            self._record_links(path, raw_bytes, sent_bytes, messages, peers)
+
+    def _record_links(self, path: str, raw_bytes: int, sent_bytes: int, messages: int, peers) -> None:
+        n = len(peers)
+        by_class = self._links.setdefault(path, {})
+        for link_class, count in zip(LINK_CLASSES, self.scope.split(peers)):
+            if count:
+                c = by_class.setdefault(link_class, [0, 0, 0])
+                c[0] += raw_bytes * count // n
+                c[1] += sent_bytes * count // n
+                c[2] += messages * count // n
 
     def stats(self) -> dict[str, Any]:
         """Totals and per-path counts: bytes an uncompressed exchange would send (`raw_bytes`),
@@ -367,6 +390,13 @@ class ResidualState:
         for p, rows in self._nonfinite.items():
             paths.setdefault(p, _new_path_stats())["nonfinite_rows"] = int(rows)
         total = {k: sum(s[k] for s in paths.values()) for k in _new_path_stats()}
+        links = {}
+        for p, by_class in self._links.items():  # known hosts: bytes per link class (core/scope.py)
+            paths[p]["links"] = {c: dict(zip(("raw_bytes", "sent_bytes", "messages"), v)) for c, v in by_class.items()}
+            for c, counts in paths[p]["links"].items():
+                total_c = links.setdefault(c, dict.fromkeys(counts, 0))
+                for k, v in counts.items():
+                    total_c[k] += v
         caches = [t for t, _ in self._send.values()] + [t for t, _ in self._recv.values()]
         return {
             "compression": self.config.name,
@@ -376,6 +406,7 @@ class ResidualState:
             "cache_bytes": sum(t.numel() * t.element_size() for t in caches),
             "paths": paths,
             **({"auto": self.auto.stats()} if self.auto is not None else {}),
+            **({"links": links} if self.scope is not None else {}),
         }
 
     def cache_digests(self) -> dict[tuple[str, Hashable], str]:

@@ -14,14 +14,16 @@ Knows nothing of xfuser: process groups come from the caller.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch.distributed as dist
 
-from compactfusion_xdit import codecs
+from compactfusion_xdit import codecs, envs
 from compactfusion_xdit.comm import CompressedCommunicator
 from compactfusion_xdit.core.config import CompressionConfig
 from compactfusion_xdit.core.residual import ResidualState
+from compactfusion_xdit.core.scope import LinkScope, host_identity
 
 
 class CompressionSession:
@@ -55,10 +57,30 @@ class CompressionSession:
         place a request begins: the patches, the modes and the request loops all call it."""
         if reset_stats:
             self.reset_stats()
+        if self.state.scope is None and self.needs_hosts():
+            self.learn_hosts()
         self.state.begin_request(shape)
         self.requests += 1
         if self.lifecycle is not None:
             self.lifecycle.begin_request()
+
+    def needs_hosts(self) -> bool:
+        """Whether this run needs every rank's host: scope ``inter-node``, or ranks on several nodes
+        (torchrun's ``GROUP_WORLD_SIZE``) or named hosts (``$CFX_HOST``) for the intra/inter-node split."""
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+            return False
+        return (self.config.scope == "inter-node" or int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1) > 1
+                or bool(envs.get(envs.HOST)))
+
+    def learn_hosts(self, identity: str | None = None) -> LinkScope:
+        """Collective over the world, once (the first request does it when `needs_hosts`): every
+        rank's host (`core.scope.host_identity`, or `identity`), so all ranks classify every
+        exchange alike (`ResidualState.message_kind`) and stats split bytes by link class."""
+        identities: list = [None] * dist.get_world_size()
+        dist.all_gather_object(identities, identity or host_identity())
+        self.state.scope = LinkScope.from_identities(self.config.scope, identities, dist.get_rank())
+        self.state.generation += 1  # exchange plans memoise message kinds per generation
+        return self.state.scope
 
     def end_request(self) -> None:
         """The request is over: drop every cache (none outlives its request); stats are kept."""

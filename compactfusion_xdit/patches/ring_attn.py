@@ -146,12 +146,18 @@ class CountedRingAttention:
         self.session = session
         self.ring_group = ring_group
         self.stock_ring_attn = stock_ring_attn
+        self._next: dict[Any, tuple[int]] = {}  # per group: the global rank each hop goes to
 
     def __call__(self, attention_function, query, key, value, *args, **kwargs):
-        hops = dist.get_world_size(self.ring_group()) - 1
+        group = self.ring_group()
+        hops = dist.get_world_size(group) - 1
+        nxt = self._next.get(group)
+        if nxt is None:
+            ranks = dist.get_process_group_ranks(group)
+            nxt = self._next[group] = (ranks[(dist.get_rank(group) + 1) % len(ranks)],)
         for t in (key, value):
             nbytes = hops * t.numel() * t.element_size()
-            self.session.state.record(PATH, MessageKind.RAW, nbytes, nbytes, hops)
+            self.session.state.record(PATH, MessageKind.RAW, nbytes, nbytes, hops, peers=nxt)
         return self.stock_ring_attn(attention_function, query, key, value, *args, **kwargs)
 
 

@@ -25,11 +25,16 @@ def compression_traffic(session) -> dict:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, session.stats())
     paths: dict[str, dict[str, int]] = {}
+    links: dict[str, dict[str, int]] = {}
     for stats in gathered:
         for path, counts in stats["paths"].items():
             total = paths.setdefault(path, {"raw_bytes": 0, "sent_bytes": 0, "messages": 0})
-            for k in total:
+            for k in ("raw_bytes", "sent_bytes", "messages"):
                 total[k] += counts[k]
+            for link_class, c in counts.get("links", {}).items():  # known hosts: intra/inter-node split
+                _add(total.setdefault("links", {}).setdefault(link_class, dict.fromkeys(c, 0)), c)
+        for link_class, c in stats.get("links", {}).items():
+            _add(links.setdefault(link_class, dict.fromkeys(c, 0)), c)
     raw = sum(p["raw_bytes"] for p in paths.values())
     sent = sum(p["sent_bytes"] for p in paths.values())
     consistent = mismatches = None
@@ -39,9 +44,16 @@ def compression_traffic(session) -> dict:
             print("residual caches diverged:\n" + "\n".join(lifecycle.mismatches[:20]), file=sys.stderr)
     out = {"raw_bytes": raw, "sent_bytes": sent, "ratio": raw / sent if sent else 1.0, "paths": paths,
            "cache_consistent": consistent, "cache_mismatches": mismatches}
+    if "links" in gathered[0]:
+        out["links"] = links
     if "auto" in gathered[0]:  # --compression auto: the agreed decision (the same on every rank)
         out["auto"] = gathered[0]["auto"]
     return out
+
+
+def _add(total: dict[str, int], counts: dict[str, int]) -> None:
+    for k, v in counts.items():
+        total[k] += v
 
 
 def check_verdict(traffic: dict) -> str:
@@ -61,6 +73,9 @@ def format_traffic(traffic: dict) -> str:
         rows.append((path, str(p["messages"]), str(p["raw_bytes"]), str(p["sent_bytes"]), f"{ratio:.2f}x"))
     rows.append(("total", str(sum(p["messages"] for p in traffic["paths"].values())), str(traffic["raw_bytes"]),
                  str(traffic["sent_bytes"]), f"{traffic['ratio']:.2f}x"))
+    for link_class, c in sorted(traffic.get("links", {}).items()):  # several hosts: the bytes per link class
+        ratio = c["raw_bytes"] / c["sent_bytes"] if c["sent_bytes"] else 1.0
+        rows.append((link_class, str(c["messages"]), str(c["raw_bytes"]), str(c["sent_bytes"]), f"{ratio:.2f}x"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
     return "\n".join([table, *format_auto(traffic.get("auto"))])

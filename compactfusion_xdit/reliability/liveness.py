@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import threading
@@ -26,6 +27,7 @@ import threading
 import torch.distributed as dist
 
 from compactfusion_xdit import envs
+from compactfusion_xdit.core.scope import interface_address
 
 TIMEOUT_ENV = envs.COMM_TIMEOUT_S
 DEFAULT_TIMEOUT_S = 600.0
@@ -67,11 +69,14 @@ def init_process_group(backend: str) -> bool:
 
 
 class Responder:
-    """A daemon thread answering one byte to every connection: this process is alive and not frozen."""
+    """A daemon thread answering one byte to every connection: this process is alive and not frozen.
+    It listens on `address` only (default: the interface the process group uses,
+    `core.scope.interface_address`), never on every interface of a multi-node cluster."""
 
-    def __init__(self) -> None:
+    def __init__(self, address: str | None = None) -> None:
+        self.address = address or interface_address()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("0.0.0.0", 0))
+        self._sock.bind((self.address, 0))
         self._sock.listen(64)
         self.port = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, name="cfx-liveness", daemon=True)
@@ -131,17 +136,6 @@ class Peers:
         self.responder.close()
 
 
-def _local_address() -> str:
-    """This host's address on the route to MASTER_ADDR (no packet is sent)."""
-    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((master, 9))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
 _CURRENT: list[Peers] = []  # this process's peer table (at most one), for error reports
 
 
@@ -152,11 +146,37 @@ def start_liveness(group: dist.ProcessGroup | None = None) -> Peers | None:
         return None
     responder = Responder()
     addresses: list = [None] * dist.get_world_size()
-    dist.all_gather_object(addresses, (_local_address(), responder.port), group=group)
+    dist.all_gather_object(addresses, (responder.address, responder.port), group=group)
     peers = Peers(dist.get_rank(), [tuple(a) for a in addresses], responder)
+    _publish(peers.addresses)
     stop_liveness()
     _CURRENT.append(peers)
     return peers
+
+
+def _publish(addresses: list[tuple[str, int]]) -> None:
+    """Local rank 0 writes the peer table where the launcher asked (``CFX_PEERS_FILE``), so the
+    launcher can probe the peers itself when a rank ends without naming them (`lost_in_file`)."""
+    path = envs.get(envs.PEERS_FILE)
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump([list(a) for a in addresses], f)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass  # the launcher's note is optional
+
+
+def lost_in_file(path: str, skip: range, timeout_s: float = PROBE_TIMEOUT_S) -> list[int]:
+    """Ranks of the peer table at `path` (`_publish`), other than `skip` (this node's own ranks,
+    which the launcher has stopped), that do not answer their probe; [] when there is no table."""
+    try:
+        with open(path) as f:
+            addresses = [tuple(a) for a in json.load(f)]
+    except (OSError, ValueError):
+        return []
+    probe = Peers(-1, addresses, None)
+    return [r for r in probe.lost_ranks(timeout_s) if r not in skip]
 
 
 def stop_liveness() -> None:

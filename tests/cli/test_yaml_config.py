@@ -70,7 +70,7 @@ def test_every_flag_of_the_command_is_a_key_of_exactly_one_section():
     assert {"height", "width", "num_inference_steps", "prompt", "seed"} <= set(known["input"])
     assert {"dtype", "output_dir", "output_type", "warmup_steps"} <= set(known["runtime"])
     assert {"codec", "warmup", "paths", "error_feedback", "check", "stats", "schedule", "auto_floor",
-            "auto_every"} == set(known["compression"])
+            "auto_every", "scope"} == set(known["compression"])
     assert {"nproc_per_node", "master_port"} <= set(known["launcher"])
 
 
