@@ -19,6 +19,7 @@ PIPELINES = {
     "PixArtAlphaPipeline": "xFuserPixArtAlphaPipeline",
     "PixArtSigmaPipeline": "xFuserPixArtSigmaPipeline",
     "StableDiffusion3Pipeline": "xFuserStableDiffusion3Pipeline",
+    "StableDiffusionXLPipeline": "xFuserStableDiffusionXLPipeline",
 }
 
 #: Pipelines with no xfuser wrapper class, loaded by xfuser's runner model of their class
@@ -29,7 +30,9 @@ RUNNER_MODEL_PIPELINES = ("WanPipeline", "HunyuanVideoPipeline")
 #: shipped trained (``digits-flux``), and the folder-loading stand-ins of `models.tiny_more`.
 TINY = ("tiny-flux", "tiny-pixart", "tiny-sd3", "digits-flux")
 TINY_MORE = ("tiny-pixart-sigma", "tiny-wan", "tiny-hunyuan-video")
-BUILTIN_MODELS = TINY + TINY_MORE
+#: Built-in UNet models of `models.tiny_unet`.
+TINY_UNET = ("tiny-sdxl",)
+BUILTIN_MODELS = TINY + TINY_MORE + TINY_UNET
 
 #: What each built-in runs at unless the command line gives ``--height``, ``--width``,
 #: ``--num_inference_steps`` (``--num_frames``): xfuser's own defaults (1024x1024, 20 steps) are
@@ -45,6 +48,7 @@ NATIVE_SETTINGS = {
        for name in ("tiny-flux", "tiny-pixart", "tiny-sd3", "tiny-pixart-sigma")},
     **{name: {"height": 32, "width": 32, "num_inference_steps": 8, "num_frames": 5}
        for name in ("tiny-wan", "tiny-hunyuan-video")},
+    "tiny-sdxl": {"height": 64, "width": 64, "num_inference_steps": 8},  # 32x32 latents: 2 or 4 bands
 }
 
 
@@ -53,6 +57,10 @@ class ModelError(ValueError):
 
 
 def _module(name: str):
+    if name in TINY_UNET:
+        from compactfusion_xdit.models import tiny_unet
+
+        return tiny_unet
     if name in TINY_MORE:
         from compactfusion_xdit.models import tiny_more
 
@@ -125,6 +133,7 @@ BUILTIN_CONFIGS: dict[str, tuple[str, dict]] = {
     "tiny-pixart-sigma": ("PixArtSigmaPipeline", {"num_attention_heads": 4}),
     "tiny-wan": ("WanPipeline", {"num_attention_heads": 4}),
     "tiny-hunyuan-video": ("HunyuanVideoPipeline", {"num_attention_heads": 4}),
+    "tiny-sdxl": ("StableDiffusionXLPipeline", {}),  # a UNet: no transformer/config.json
 }
 
 
