@@ -262,7 +262,7 @@ def run(opts, out_dir: str | None = None) -> dict:
     rates = [r.strip() for r in opts.rates.split(",") if r.strip()]
     for rate in rates:
         netns.parse_rate(rate)
-    chosen = bench_methods.parse_methods(opts.methods, opts.ranks)
+    chosen = bench_methods.parse_methods(opts.methods, opts.ranks, own_models=True)
     codecs = [c.strip() for c in opts.codecs.split(",") if c.strip()]
     model_path = plan.model_path(model)
     from compactfusion_xdit.codecs import cpu
@@ -286,11 +286,18 @@ def run(opts, out_dir: str | None = None) -> dict:
         for method in chosen:  # one launch per method, one run per codec
             started = time.monotonic()
             flags = bench_methods.method_flags(method, opts.ranks)
-            runs = [worker_argv(opts, model_path, codec, flags) for codec in codecs]
+            method_opts, method_path, method_reference = opts, model_path, reference
+            if method in bench_methods.OWN_MODELS:  # its own model: its own single-process reference
+                own, height, width = bench_methods.OWN_MODELS[method]
+                method_opts = argparse.Namespace(**{**vars(opts), "height": height, "width": width})
+                method_path = plan.model_path(own)
+                method_reference = launch([worker_argv(method_opts, method_path, "none", [])], 1, ["unshaped"],
+                                          opts.requests, opts.timeout, None, ports.free_port())[0]["image"]
+            runs = [worker_argv(method_opts, method_path, codec, flags) for codec in codecs]
             try:
                 outs = launch(runs, opts.ranks, rates, opts.requests, opts.timeout * len(codecs), star, port)
                 rows = [row for codec, out in zip(codecs, outs)
-                        for row in build_rows(method, codec, rates, out, reference, opts.ranks)]
+                        for row in build_rows(method, codec, rates, out, method_reference, opts.ranks)]
             except BenchError as err:
                 rows = [{"method": method, "codec": codec, "error": str(err)} for codec in codecs]
             port += len(codecs) + 1

@@ -69,12 +69,16 @@ class UNetPatchParallel(PatchParallel):
         if self.step != step:
             self.conv = self.norm = -1
 
-    def band_rows(self, height: int, multiple: int) -> None:
-        """Refuse a latent `height` whose bands would not stay aligned through the UNet."""
-        if height % (self.degree * multiple):
-            raise ValueError(f"patch parallelism over {self.degree} bands needs the latent height to divide by "
-                             f"{self.degree * multiple} ({self.degree} bands x {multiple} for the UNet's down-sampling), "
-                             f"got {height}; use a height whose latent is a multiple of {self.degree * multiple}")
+    def band_rows(self, height: int, multiple: int, pixels_per_row: int = 1) -> None:
+        """Refuse a latent `height` whose bands would not stay aligned through the UNet's `multiple`
+        (2 ** down-samplings); the message speaks of image pixels (`pixels_per_row` per latent row)."""
+        rows = self.degree * multiple
+        if height % rows:
+            step = rows * pixels_per_row
+            raise ValueError(f"patch parallelism over {self.degree} bands needs the image height to be a multiple of "
+                             f"{step} ({self.degree} bands x {multiple} for the UNet's down-sampling x {pixels_per_row} "
+                             f"pixels per latent row), got {height * pixels_per_row}; use --height "
+                             f"{', '.join(str(step * k) for k in range(1, 4))}, ...")
 
     # ----- self-attention -------------------------------------------------------------------------
     def exchange(self, layer: int, key: torch.Tensor, value: torch.Tensor, seq_dim: int,

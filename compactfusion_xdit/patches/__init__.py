@@ -60,12 +60,13 @@ def install(compression_config: Any = None, count: bool = False) -> None:
         if same and count == _INSTALLATION.count:
             return
         uninstall()
-    from compactfusion_xdit.patches import cpu_gloo, pipefusion_gloo
+    from compactfusion_xdit.patches import cpu_gloo, pipefusion_gloo, unet_runtime
 
     patcher = AttributePatcher()
     try:
         cpu_gloo.apply(patcher)
         pipefusion_gloo.apply(patcher)
+        unet_runtime.apply(patcher)  # SDXL on cfg x data (patch parallel) ranks
         enabled = compression_config is not None and getattr(compression_config, "enabled", False)
         if enabled or count:
             names = COMPRESSION_PATCHES if enabled else COUNTING_PATCHES

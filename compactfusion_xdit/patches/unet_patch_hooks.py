@@ -68,7 +68,8 @@ def attach(pipe: Any, mode: Any, cfg_parallel: bool = False) -> Handle:
     mark = _Mark()
     try:
         _check_layers(unet)
-        _hook_unet(handle, unet, mode, downsampling_factor(unet), _cfg_group() if cfg_parallel else None)
+        pixels = int(getattr(pipe, "vae_scale_factor", 1) or 1)
+        _hook_unet(handle, unet, mode, (downsampling_factor(unet), pixels), _cfg_group() if cfg_parallel else None)
         for module in unet.modules():
             if isinstance(module, torch.nn.GroupNorm):
                 _replace_forward(handle, module, _norm_forward(module, mode))
@@ -137,10 +138,10 @@ def _cfg_group() -> tuple[Any, int, int]:
     return cfg.device_group, cfg.rank_in_group, cfg.world_size
 
 
-def _hook_unet(handle: Handle, unet: Any, mode: Any, factor: int, cfg) -> None:
+def _hook_unet(handle: Handle, unet: Any, mode: Any, sizes: tuple[int, int], cfg) -> None:
     def before_call(module, args, kwargs):
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        mode.band_rows(sample.shape[-2], factor)
+        mode.band_rows(sample.shape[-2], *sizes)
         timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
         if cfg is not None:
             args, kwargs = _cfg_half(args, kwargs, sample.shape[0], cfg)
