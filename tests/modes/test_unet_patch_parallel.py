@@ -299,9 +299,12 @@ def test_compression_check_keeps_caches_bitwise_equal_through_xfuser():
 
 
 @pytest.mark.slow
-def test_xfuser_command_runs_displaced_compressed_patch_parallel_on_sdxl(tmp_path):
+def test_xfuser_command_runs_displaced_compressed_patch_parallel_on_a_local_sdxl_folder(tmp_path):
+    from compactfusion_xdit.models import tiny_unet
+
     out_dir = tmp_path / "out"
     argv = worker_argv("--patch_parallel_degree", "2", "--compression", "residual-int4", "--output_dir", str(out_dir))
+    argv[argv.index("tiny-sdxl")] = tiny_unet.materialize("tiny-sdxl")  # a folder, as a downloaded SDXL
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*xfuser_command(), *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -312,3 +315,19 @@ def test_xfuser_command_runs_displaced_compressed_patch_parallel_on_sdxl(tmp_pat
     assert stats["parallel"]["patch"] == 2 and stats["parallel"]["patch_mode"] == "displaced"
     patch = stats["paths"]["patch"]
     assert 0 < patch["sent_bytes"] < 0.6 * patch["raw_bytes"]
+
+
+@pytest.mark.slow
+def test_cfx_xdit_serves_a_local_sdxl_folder_with_cfg_parallel(tmp_path):
+    from compactfusion_xdit.models import tiny_unet
+
+    runner_tests = os.path.join(REPO, "tests", "rank", "test_runner.py")
+    folder = tiny_unet.materialize("tiny-sdxl")
+    argv = ["--model", folder, "--height", "64", "--width", "64", "--num_inference_steps", "2", "--prompt", "a cat",
+            "--use_cfg_parallel", "--output_directory", str(tmp_path)]
+    codes = run_ranks(f"{runner_tests}:runner_in_turn", 2, {"argvs": [argv]}, timeout=TIMEOUT, init_process_group=False)
+    assert codes == [[0], [0]]
+    from PIL import Image
+
+    with Image.open(tmp_path / "sdxl_0.png") as image:
+        assert image.size == (64, 64)
