@@ -122,6 +122,22 @@ def backbone_config(path: str) -> dict:
         return json.load(f)
 
 
+def unet_height_multiple(path: str) -> int | None:
+    """For a UNet pipeline folder (``unet/`` and ``vae/`` configs): the image rows per latent-row
+    down-sampling unit, ``2 ** (UNet down-samplings) * VAE scale``; None for other folders. Patch
+    parallelism over N bands needs the image height to divide by N times this."""
+    configs = []
+    for part in ("unet", "vae"):
+        config = os.path.join(path, part, "config.json")
+        if not os.path.isfile(config):
+            return None
+        with open(config) as f:
+            configs.append(json.load(f))
+    unet, vae = configs
+    downsamplings = len(unet.get("down_block_types", ())) - 1  # every down block but the last halves
+    return 2 ** max(downsamplings, 0) * 2 ** (len(vae.get("block_out_channels", (1,))) - 1)
+
+
 #: What the launchers' checks read of each built-in, known without building it (no torch import):
 #: its pipeline class and its backbone's ``transformer/config.json`` entries that the checks use.
 #: tests/cli/test_fast_launcher.py compares this table with the built models.

@@ -245,6 +245,22 @@ def test_a_height_the_bands_cannot_follow_is_refused_with_one_line():
                               "48, ...")
 
 
+def test_the_ranks_usage_checks_refuse_that_height_before_loading_the_model():
+    import argparse
+
+    from compactfusion_xdit.cli import checks
+    from compactfusion_xdit.models import registry
+
+    path = registry.resolve("tiny-sdxl")  # 2 image rows per latent row, one 2x down-sampling
+    ns = argparse.Namespace(patch_parallel_degree=4, patch_parallel_mode="sync", height=40)
+    with pytest.raises(checks.UsageError) as err:
+        checks.check_settings(ns, path, "StableDiffusionXLPipeline", 4)
+    assert str(err.value) == ("--patch_parallel_degree 4 on this UNet needs --height to be a multiple of 16 (4 bands "
+                              "x 4 image rows per down-sampled latent row), got 40; use --height 16, 32, 48, ...")
+    ns.height = 48
+    checks.check_settings(ns, path, "StableDiffusionXLPipeline", 4)
+
+
 # --------------------------------------------------------------------------------------------
 # 4 bands, patch x CFG, the launchers (slow)
 # --------------------------------------------------------------------------------------------
