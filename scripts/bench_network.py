@@ -13,7 +13,8 @@ the current phase, so each rank's up- and downlink run at that rate and all inte
 method x codec loads the model once and serves, per rate, one warm-up request and ``--requests``
 measured ones (the median is reported). Bytes come from the plugin's counters (raw: what the
 uncompressed exchange sends; sent: what was sent), PSNR compares the output image with a
-single-process uncompressed run of the same seed. ``comm share`` s is the uncompressed
+single-process uncompressed run of the same seed (``sdxl-patch``, displaced patch parallelism on
+bands of latent rows, runs its own model, built-in ``tiny-sdxl`` at 64x64, and its own reference). ``comm share`` s is the uncompressed
 exchange's part of the request at a rate: measured, 1 - T_none(unshaped) / T_none(rate), when the
 rates include ``unshaped`` (they do by default; the time the link actually adds, which counts a
 pipeline's transfers that overlap compute as free), else estimated from the bytes (per-rank raw
@@ -173,6 +174,10 @@ def markdown(result: dict) -> str:
             f"{result['steps']} steps; median latency of {result['requests']} requests after a warm-up, in seconds "
             f"(speed-up over the same method uncompressed); single-process latency "
             f"{result['single_latency_s']:.2f} s. Bytes: summed over ranks per request.\n\n")
+    own = [f"`{m}` runs `{model}` {h}x{w} (PSNR against its own single process)"
+           for m, (model, h, w) in bench_methods.OWN_MODELS.items() if m in result["methods"]]
+    if own:
+        head = head[:-2] + " " + "; ".join(own) + ".\n\n"
     lines = ["| method | codec | " + " | ".join(rates) + " | sent MB | raw MB | PSNR dB |",
              "| --- | --- | " + " | ".join("---" for _ in rates) + " | --- | --- | --- |"]
     by = {(r["method"], r["codec"], r["rate"]): r for r in rows}

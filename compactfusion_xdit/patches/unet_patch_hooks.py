@@ -87,7 +87,7 @@ def attach(pipe: Any, mode: Any, cfg_parallel: bool = False) -> Handle:
 def _check_layers(unet: Any) -> None:
     for name, module in unet.named_modules():
         kind = type(module).__name__
-        if "GroupNorm" in kind and not isinstance(module, torch.nn.GroupNorm) or kind in ("SpatialNorm", "Conv3d"):
+        if ("GroupNorm" in kind and not isinstance(module, torch.nn.GroupNorm)) or kind in ("SpatialNorm", "Conv3d"):
             raise ValueError(f"UNet patch parallelism does not handle {name} ({kind}); supported: Conv2d, GroupNorm, "
                              "attention (SD / SDXL UNets)")
         if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1:

@@ -268,7 +268,7 @@ def test_the_ranks_usage_checks_refuse_that_height_before_loading_the_model():
 
 @pytest.mark.slow
 def test_four_bands_sync_displaced_and_compressed():
-    ranks = run_ranks(f"{HERE}:variants", 4, {"variant_list": VARIANTS_4}, timeout=600)
+    ranks = run_ranks(f"{HERE}:variants", 4, {"variant_list": VARIANTS_4}, timeout=1200)
     for name, *_ in VARIANTS_4:
         assert all(torch.equal(r[name]["latents"], ranks[0][name]["latents"]) for r in ranks), name
     assert_sync_equals_single_process(ranks)
