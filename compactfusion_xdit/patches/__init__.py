@@ -7,7 +7,8 @@
 
 On a machine without CUDA, ``install()`` first makes xfuser importable and runnable over gloo
 (``cpu_gloo``, ``pipefusion_gloo``). Import-time fixes (``cpu_gloo.make_xfuser_importable``) stay
-for the life of the process; run-time replacements are undone by ``uninstall()``.
+for the life of the process; run-time replacements are undone by ``uninstall()``. On every machine
+``unet_runtime`` lets xfuser's SDXL wrapper run on CFG x data-parallel ranks (patch parallel bands).
 
 Compression: ``install`` builds one `CompressionSession` (config, residual state, communicators)
 for the process, available as ``patches.session()``. Each module named in ``COMPRESSION_PATCHES``

@@ -261,6 +261,20 @@ def test_the_ranks_usage_checks_refuse_that_height_before_loading_the_model():
     checks.check_settings(ns, path, "StableDiffusionXLPipeline", 4)
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--ulysses_degree", "2"], "--patch_parallel_degree 2 cannot be combined with --ulysses_degree 2"),
+    (["--step_parallel_degree", "2"], "--patch_parallel_degree 2 and --step_parallel_degree 2 cannot be combined"),
+])
+def test_the_launcher_refuses_other_compositions_on_sdxl_in_one_line(flags, message):
+    import sys
+
+    code = "import sys; from compactfusion_xdit.cli import launcher; sys.exit(launcher.main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "--model", "tiny-sdxl", "--patch_parallel_degree", "2", *flags],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # 4 bands, patch x CFG, the launchers (slow)
 # --------------------------------------------------------------------------------------------
