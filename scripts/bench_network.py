@@ -13,7 +13,8 @@ the current phase, so each rank's up- and downlink run at that rate and all inte
 method x codec loads the model once and serves, per rate, one warm-up request and ``--requests``
 measured ones (the median is reported). Bytes come from the plugin's counters (raw: what the
 uncompressed exchange sends; sent: what was sent), PSNR compares the output image with a
-single-process uncompressed run of the same seed. ``comm share`` s is the uncompressed
+single-process uncompressed run of the same seed (``sdxl-patch``, displaced patch parallelism on
+bands of latent rows, runs its own model, built-in ``tiny-sdxl`` at 64x64, and its own reference). ``comm share`` s is the uncompressed
 exchange's part of the request at a rate: measured, 1 - T_none(unshaped) / T_none(rate), when the
 rates include ``unshaped`` (they do by default; the time the link actually adds, which counts a
 pipeline's transfers that overlap compute as free), else estimated from the bytes (per-rank raw
@@ -173,6 +174,10 @@ def markdown(result: dict) -> str:
             f"{result['steps']} steps; median latency of {result['requests']} requests after a warm-up, in seconds "
             f"(speed-up over the same method uncompressed); single-process latency "
             f"{result['single_latency_s']:.2f} s. Bytes: summed over ranks per request.\n\n")
+    own = [f"`{m}` runs `{model}` {h}x{w} (PSNR against its own single process)"
+           for m, (model, h, w) in bench_methods.OWN_MODELS.items() if m in result["methods"]]
+    if own:
+        head = head[:-2] + " " + "; ".join(own) + ".\n\n"
     lines = ["| method | codec | " + " | ".join(rates) + " | sent MB | raw MB | PSNR dB |",
              "| --- | --- | " + " | ".join("---" for _ in rates) + " | --- | --- | --- |"]
     by = {(r["method"], r["codec"], r["rate"]): r for r in rows}
@@ -262,7 +267,7 @@ def run(opts, out_dir: str | None = None) -> dict:
     rates = [r.strip() for r in opts.rates.split(",") if r.strip()]
     for rate in rates:
         netns.parse_rate(rate)
-    chosen = bench_methods.parse_methods(opts.methods, opts.ranks)
+    chosen = bench_methods.parse_methods(opts.methods, opts.ranks, own_models=True)
     codecs = [c.strip() for c in opts.codecs.split(",") if c.strip()]
     model_path = plan.model_path(model)
     from compactfusion_xdit.codecs import cpu
@@ -286,11 +291,18 @@ def run(opts, out_dir: str | None = None) -> dict:
         for method in chosen:  # one launch per method, one run per codec
             started = time.monotonic()
             flags = bench_methods.method_flags(method, opts.ranks)
-            runs = [worker_argv(opts, model_path, codec, flags) for codec in codecs]
+            method_opts, method_path, method_reference = opts, model_path, reference
+            if method in bench_methods.OWN_MODELS:  # its own model: its own single-process reference
+                own, height, width = bench_methods.OWN_MODELS[method]
+                method_opts = argparse.Namespace(**{**vars(opts), "height": height, "width": width})
+                method_path = plan.model_path(own)
+                method_reference = launch([worker_argv(method_opts, method_path, "none", [])], 1, ["unshaped"],
+                                          opts.requests, opts.timeout, None, ports.free_port())[0]["image"]
+            runs = [worker_argv(method_opts, method_path, codec, flags) for codec in codecs]
             try:
                 outs = launch(runs, opts.ranks, rates, opts.requests, opts.timeout * len(codecs), star, port)
                 rows = [row for codec, out in zip(codecs, outs)
-                        for row in build_rows(method, codec, rates, out, reference, opts.ranks)]
+                        for row in build_rows(method, codec, rates, out, method_reference, opts.ranks)]
             except BenchError as err:
                 rows = [{"method": method, "codec": codec, "error": str(err)} for codec in codecs]
             port += len(codecs) + 1

@@ -83,6 +83,16 @@ def check_unet_pipeline(par: dict, class_name: str | None) -> None:
                          "(run it with --step_parallel_degree)")
 
 
+def check_bands(model_path: str, patch: int, height: int | None) -> None:
+    """UNet patch parallelism: the bands of latent rows must stay aligned through every down-sampling."""
+    multiple = registry.unet_height_multiple(model_path) if patch > 1 and height else None
+    if multiple and height % (patch * multiple):
+        step = patch * multiple
+        raise UsageError(f"--patch_parallel_degree {patch} on this UNet needs --height to be a multiple of {step} "
+                         f"({patch} bands x {multiple} image rows per down-sampled latent row), got {height}; "
+                         f"use --height {', '.join(str(step * k) for k in range(1, 4))}, ...")
+
+
 def check_settings(args: argparse.Namespace, model_path: str | None, class_name: str | None,
                    world_size: int) -> None:
     """Reject combinations xfuser would fail on later (or silently mis-handle), one line each.
@@ -100,6 +110,7 @@ def check_settings(args: argparse.Namespace, model_path: str | None, class_name:
     check_unet_pipeline(par, class_name)
     if model_path:
         check_heads(registry.backbone_config(model_path), par["ulysses"])
+        check_bands(model_path, par["patch"], getattr(args, "height", None))
     if par["cfg"] > 1 and class_name == "FluxPipeline":
         raise UsageError("Flux has no classifier-free guidance branch to split; drop --use_cfg_parallel")
     if par["pipefusion"] > 1 and par["num_pipeline_patch"] < par["pipefusion"]:

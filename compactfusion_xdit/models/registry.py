@@ -20,6 +20,7 @@ PIPELINES = {
     "PixArtSigmaPipeline": "xFuserPixArtSigmaPipeline",
     "StableDiffusion3Pipeline": "xFuserStableDiffusion3Pipeline",
     "CogVideoXPipeline": "xFuserCogVideoXPipeline",
+    "StableDiffusionXLPipeline": "xFuserStableDiffusionXLPipeline",
 }
 
 #: Pipelines with no xfuser wrapper class, loaded by xfuser's runner model of their class
@@ -40,7 +41,9 @@ TINY = ("tiny-flux", "tiny-pixart", "tiny-sd3", "digits-flux")
 TINY_MORE = ("tiny-pixart-sigma", "tiny-wan", "tiny-hunyuan-video")
 #: The seed papers' video and audio models (`models.tiny_seeds`).
 TINY_SEEDS = ("tiny-svd", "tiny-cogvideox", "tiny-audioldm2")
-BUILTIN_MODELS = TINY + TINY_MORE + TINY_SEEDS
+#: Built-in UNet models of `models.tiny_unet`.
+TINY_UNET = ("tiny-sdxl",)
+BUILTIN_MODELS = TINY + TINY_MORE + TINY_SEEDS + TINY_UNET
 
 #: What each built-in runs at unless the command line gives ``--height``, ``--width``,
 #: ``--num_inference_steps`` (``--num_frames``): xfuser's own defaults (1024x1024, 20 steps) are
@@ -61,6 +64,7 @@ NATIVE_SETTINGS = {
     "tiny-cogvideox": {"height": 32, "width": 32, "num_inference_steps": 8, "num_frames": 9, "max_sequence_length": 16},
     "tiny-svd": {"height": 32, "width": 32, "num_inference_steps": 8, "num_frames": 4},
     "tiny-audioldm2": {"num_inference_steps": 8},
+    "tiny-sdxl": {"height": 64, "width": 64, "num_inference_steps": 8},  # 32x32 latents: 2 or 4 bands
 }
 
 
@@ -73,6 +77,10 @@ def _module(name: str):
         from compactfusion_xdit.models import tiny_seeds
 
         return tiny_seeds
+    if name in TINY_UNET:
+        from compactfusion_xdit.models import tiny_unet
+
+        return tiny_unet
     if name in TINY_MORE:
         from compactfusion_xdit.models import tiny_more
 
@@ -135,6 +143,22 @@ def backbone_config(path: str) -> dict:
     return {}
 
 
+def unet_height_multiple(path: str) -> int | None:
+    """For a UNet pipeline folder (``unet/`` and ``vae/`` configs): the image rows per latent-row
+    down-sampling unit, ``2 ** (UNet down-samplings) * VAE scale``; None for other folders. Patch
+    parallelism over N bands needs the image height to divide by N times this."""
+    configs = []
+    for part in ("unet", "vae"):
+        config = os.path.join(path, part, "config.json")
+        if not os.path.isfile(config):
+            return None
+        with open(config) as f:
+            configs.append(json.load(f))
+    unet, vae = configs
+    downsamplings = len(unet.get("down_block_types", ())) - 1  # every down block but the last halves
+    return 2 ** max(downsamplings, 0) * 2 ** (len(vae.get("block_out_channels", (1,))) - 1)
+
+
 #: What the launchers' checks read of each built-in, known without building it (no torch import):
 #: its pipeline class and its backbone's ``transformer/config.json`` entries that the checks use.
 #: tests/cli/test_fast_launcher.py compares this table with the built models.
@@ -149,6 +173,7 @@ BUILTIN_CONFIGS: dict[str, tuple[str, dict]] = {
     "tiny-cogvideox": ("CogVideoXPipeline", {"num_attention_heads": 4}),
     "tiny-svd": ("StableVideoDiffusionPipeline", {}),
     "tiny-audioldm2": ("AudioLDM2Pipeline", {}),
+    "tiny-sdxl": ("StableDiffusionXLPipeline", {}),  # a UNet: no transformer/config.json
 }
 
 

@@ -7,7 +7,8 @@
 
 On a machine without CUDA, ``install()`` first makes xfuser importable and runnable over gloo
 (``cpu_gloo``, ``pipefusion_gloo``). Import-time fixes (``cpu_gloo.make_xfuser_importable``) stay
-for the life of the process; run-time replacements are undone by ``uninstall()``.
+for the life of the process; run-time replacements are undone by ``uninstall()``. On every machine
+``unet_runtime`` lets xfuser's SDXL wrapper run on CFG x data-parallel ranks (patch parallel bands).
 
 Compression: ``install`` builds one `CompressionSession` (config, residual state, communicators)
 for the process, available as ``patches.session()``. Each module named in ``COMPRESSION_PATCHES``
@@ -60,12 +61,13 @@ def install(compression_config: Any = None, count: bool = False) -> None:
         if same and count == _INSTALLATION.count:
             return
         uninstall()
-    from compactfusion_xdit.patches import cpu_gloo, pipefusion_gloo
+    from compactfusion_xdit.patches import cpu_gloo, pipefusion_gloo, unet_runtime
 
     patcher = AttributePatcher()
     try:
         cpu_gloo.apply(patcher)
         pipefusion_gloo.apply(patcher)
+        unet_runtime.apply(patcher)  # SDXL on cfg x data (patch parallel) ranks
         enabled = compression_config is not None and getattr(compression_config, "enabled", False)
         if enabled or count:
             names = COMPRESSION_PATCHES if enabled else COUNTING_PATCHES

@@ -6,9 +6,10 @@ not a model there. `register_local_folder` reads the folder's ``model_index.json
 registered model of its pipeline class (`RUNNER_MODELS`) and registers a subclass under the
 folder's path whose ``settings.model_name`` is that path (and which asks for no Hub revision).
 
-xfuser 0.7.0 registers no PixArt and no CogVideoX model; `pixart_models` registers PixArt-alpha and
--sigma runner models built on xfuser's own ``xFuserPixArt{Alpha,Sigma}Pipeline`` wrappers, and
-`cogvideox_models` a CogVideoX one on ``xFuserCogVideoXPipeline`` (Ulysses, ring, CFG parallel).
+xfuser 0.7.0 registers no PixArt, CogVideoX or SDXL model; `pixart_models` registers PixArt-alpha and
+-sigma runner models built on xfuser's own ``xFuserPixArt{Alpha,Sigma}Pipeline`` wrappers,
+`cogvideox_models` a CogVideoX one on ``xFuserCogVideoXPipeline`` (Ulysses, ring, CFG parallel) and
+`sdxl_model` an SDXL one on ``xFuserStableDiffusionXLPipeline`` (CFG parallel only, as the wrapper).
 
 `apply_cpu` (no CUDA only): the runner's placement moves the pipeline to ``cuda:<rank>`` and its
 timing uses CUDA events; on CPU the pipeline stays where it was loaded and the wall clock times it.
@@ -34,6 +35,7 @@ RUNNER_MODELS = {
     "PixArtAlphaPipeline": "PixArt-alpha",
     "PixArtSigmaPipeline": "PixArt-sigma",
     "CogVideoXPipeline": "CogVideoX-2b",
+    "StableDiffusionXLPipeline": "SDXL",
 }
 
 
@@ -46,6 +48,7 @@ def registry() -> dict:
 
     pixart_models()
     cogvideox_models()
+    sdxl_model()
     return MODEL_REGISTRY
 
 
@@ -172,6 +175,41 @@ def cogvideox_models() -> dict[str, type]:
     for name in ("THUDM/CogVideoX-2b", "CogVideoX-2b"):
         bm.register_model(name)(CogVideoXModel)
     return {"CogVideoX-2b": CogVideoXModel}
+
+
+def sdxl_model() -> type:
+    """Register (once) and return an SDXL runner model, which xfuser 0.7.0 lacks."""
+    from xfuser.model_executor.models.runner_models import base_model as bm
+
+    if "SDXL" in bm.MODEL_REGISTRY:
+        return bm.MODEL_REGISTRY["SDXL"]
+
+    class SDXLModel(bm.xFuserModel):
+        capabilities = bm.ModelCapabilities(ulysses_degree=False, ring_degree=False, use_cfg_parallel=True)
+        default_input_values = bm.DefaultInputValues(height=1024, width=1024, num_inference_steps=30,
+                                                     guidance_scale=5.0)
+        settings = bm.ModelSettings(model_name="stabilityai/stable-diffusion-xl-base-1.0", output_name="sdxl",
+                                    model_output_type="image")
+
+        def _load_model(self):
+            from xfuser import xFuserStableDiffusionXLPipeline
+
+            dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+            return xFuserStableDiffusionXLPipeline.from_pretrained(
+                pretrained_model_name_or_path=self.settings.model_name, engine_config=self.engine_config,
+                torch_dtype=dtype)
+
+        def _run_pipe(self, input_args: dict):
+            output = self.pipe(height=input_args["height"], width=input_args["width"], prompt=input_args["prompt"],
+                               negative_prompt=input_args.get("negative_prompt") or None,
+                               num_inference_steps=input_args["num_inference_steps"],
+                               guidance_scale=input_args["guidance_scale"], output_type="pil",
+                               generator=self._make_generator(input_args["seed"]))
+            return bm.DiffusionOutput(images=output.images if output else [], pipe_args=input_args)
+
+    for name in ("stabilityai/stable-diffusion-xl-base-1.0", "SDXL"):
+        bm.register_model(name)(SDXLModel)
+    return SDXLModel
 
 
 def apply_cpu(patcher: AttributePatcher) -> None:

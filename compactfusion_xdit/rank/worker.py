@@ -125,6 +125,10 @@ def _call_kwargs(pipe, args: argparse.Namespace, input_config, generator) -> dic
         "generator": generator,
     }
     accepted = inspect.signature(type(pipe).__call__).parameters
+    named = [p for p in accepted.values() if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not named and hasattr(pipe, "module"):
+        # an xfuser wrapper that only forwards (xFuserStableDiffusionXLPipeline): the pipeline's own
+        accepted = inspect.signature(type(pipe.module).__call__).parameters
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
