@@ -153,7 +153,7 @@ class CompressedCommunicator:
                     state.seed_stacked("recv", [link_key(key, ranks[p], ranks[me]) for p in peers],
                                        rows_of(out.view(world, -1), peers), shape)
             if start is not None:
-                state.auto_observe(path_of(keys[0]), (world - 1) * sum(sizes) * xs[0].element_size(), start, xs[-1])
+                state.auto_observe(path_of(keys[0]), (world - 1) * sum(sizes) * xs[0].element_size(), start, xs[-1], g)
             return outs
 
         pending = Pending([work], finish_raw, keep=(xs, send, recv))
@@ -212,7 +212,7 @@ class CompressedCommunicator:
                     state.seed_sender(plan.own, x)
                     state.seed_stacked("recv", plan.recv_links, rows_of(out.view(world, -1), plan.others), plan.shape)
                 if start is not None:
-                    state.auto_observe(plan.path, (world - 1) * plan.nbytes, start, x)
+                    state.auto_observe(plan.path, (world - 1) * plan.nbytes, start, x, g)
                 return out
 
             pending = Pending([work], finish_raw, keep=x)

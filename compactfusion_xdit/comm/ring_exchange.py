@@ -95,7 +95,8 @@ class RingExchange:
             if hop > 0:
                 received.wait()
                 if start is not None:
-                    self.state.auto_observe(self.plan.path, self.buffers[0].numel(), start, self.tensors[-1])
+                    self.state.auto_observe(self.plan.path, self.buffers[0].numel(), start, self.tensors[-1],
+                                            self.group)
                     start = self.state.auto_clock()
                 sent.wait()  # the previous hop's sends: frees `spare` for the next receive
                 if hop < world - 1:

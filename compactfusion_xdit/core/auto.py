@@ -5,7 +5,9 @@ The life of a decision (one `AutoSelector` per `ResidualState` whose config is i
 1. Measure. During the raw warm-up steps of a request (``step < warmup``; auto needs warmup >= 1)
    the communicator times every RAW/SEED exchange of an auto path (`clock` / `observe`): bytes
    on the wire and seconds from posting to completion, per path, plus a reference to the path's
-   last raw tensor. Timing goes through `link_seconds`, the one place a test fakes the link
+   last raw tensor. The link's seconds per byte is the slope between its smallest and largest
+   exchanges (`link_fit`: the fixed latency cancels, coding saves only bytes), each size's time
+   its lower quartile (the slow end includes waiting for a peer that is still computing). Timing goes through `link_seconds`, the one place a test fakes the link
    (``CFX_AUTO_LINK_MBPS``, e.g. ``0.01`` or ``ulysses=0.01,ring=1e6``).
 2. Agree. At the first coded step (`ResidualState.set_step` reaching ``warmup``) every rank times
    the candidate codecs' ``encode_block`` + ``decode_block`` on a sample of each path's last raw
@@ -37,6 +39,8 @@ from compactfusion_xdit.core.config import CompressionConfig
 FAKE_RATE_ENV = envs.AUTO_LINK_MBPS
 SAMPLE_ELEMENTS = 1 << 16  # elements of a path's raw tensor the codec timing codes
 REPEATS = 3
+PROBE_REPEATS = 5  # all-to-alls per size in a link probe (the fastest counts)
+PROBE_TINY_BYTES = 64  # per peer: the probe's latency-only message
 
 
 def candidates(floor: str) -> tuple[str, ...]:
@@ -81,7 +85,9 @@ class AutoSelector:
 
     def _reset_measurements(self) -> None:
         self._bytes: dict[str, int] = {}
-        self._seconds: dict[str, float] = {}
+        self._times: dict[str, dict[int, list[float]]] = {}  # path -> bytes of an exchange -> its seconds
+        self._groups: dict[str, Any] = {}  # path -> the process group its collectives ran on (probed)
+        self._probed: dict[str, tuple[float, float]] = {}  # path -> (latency s, s per byte) of its probe
         self._samples: dict[str, torch.Tensor] = {}
         self._steps: set[int] = set()
 
@@ -120,11 +126,15 @@ class AutoSelector:
             return time.perf_counter()
         return None
 
-    def observe(self, path: str, nbytes: int, start: float, sample: torch.Tensor | None = None) -> None:
-        """One raw exchange of `path` finished: `nbytes` this rank put on the wire since `start`."""
+    def observe(self, path: str, nbytes: int, start: float, sample: torch.Tensor | None = None,
+                group: Any = None) -> None:
+        """One raw exchange of `path` finished: `nbytes` this rank put on the wire since `start`
+        (on the collective `group`, if given: `agree` probes it)."""
         seconds = link_seconds(path, nbytes, time.perf_counter() - start)
+        if group is not None:
+            self._groups[path] = group
         self._bytes[path] = self._bytes.get(path, 0) + nbytes
-        self._seconds[path] = self._seconds.get(path, 0.0) + seconds
+        self._times.setdefault(path, {}).setdefault(nbytes, []).append(seconds)
         if sample is not None and sample.is_floating_point() and sample.numel():
             self._samples[path] = sample
 
@@ -134,9 +144,10 @@ class AutoSelector:
         steps = max(len(self._steps), 1)
         out = {}
         for path, nbytes in self._bytes.items():
-            seconds = max(self._seconds[path], 1e-12)
+            latency, per_byte = self._probed.get(path) or link_fit(self._times[path])
             sample = self._samples.get(path)
-            out[path] = {"bytes_per_step": nbytes / steps, "MBps": nbytes / seconds / 1e6,
+            out[path] = {"bytes_per_step": nbytes / steps, "MBps": 1 / max(per_byte, 1e-15) / 1e6,
+                         "latency_us": latency * 1e6,
                          "codecs": _codec_costs(sample, self.candidates, self.config.error_feedback)}
         return out
 
@@ -149,8 +160,13 @@ class AutoSelector:
 
     def agree(self) -> dict[str, str]:
         """Measure the codecs, share everything with one world collective, decide (same on every rank)."""
-        mine = {"settings": self.settings(), "measured": self.measurements()}
         import torch.distributed as dist
+
+        for path in sorted(self._groups):  # every member of a path's group has that path: the probes pair up
+            sample = self._samples.get(path)
+            biggest = max(self._times[path])
+            self._probed[path] = probe_link(path, self._groups[path], biggest, sample.device if sample is not None else None)
+        mine = {"settings": self.settings(), "measured": self.measurements()}
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list = [None] * dist.get_world_size()
@@ -166,6 +182,59 @@ class AutoSelector:
 
     def stats(self) -> dict[str, Any]:
         return {path: dict(r) for path, r in self.report.items()}
+
+
+def _low_quantile(values: list[float], q: float = 0.25) -> float:
+    """The q-quantile (lower) of `values`. An exchange's time is the transfer plus the wait for a
+    peer still computing; the fast end of the distribution is the link's own time, so a compute
+    imbalance does not pass for a slow link (an error that way only favours `none`)."""
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
+
+
+def link_fit(times: dict[int, list[float]]) -> tuple[float, float]:
+    """(latency s, s per byte) of a path from its exchanges' seconds by size: ``t = latency + n *
+    per_byte`` through the lower quartiles of the smallest and largest sizes. Coding shrinks only
+    the per-byte part, so that slope, not the mean rate, decides (on a fast link small messages are
+    all latency). One size only: its lower quartile over its bytes (latency counted as transfer)."""
+    lows = sorted((n, _low_quantile(ts)) for n, ts in times.items())
+    (n0, t0), (n1, t1) = lows[0], lows[-1]
+    if n1 == n0:
+        return 0.0, t0 / n0
+    per_byte = max((t1 - t0) / (n1 - n0), 0.0)
+    return max(t0 - per_byte * n0, 0.0), per_byte
+
+
+def probe_link(path: str, group: Any, nbytes: int, device=None, repeats: int = PROBE_REPEATS) -> tuple[float, float]:
+    """(latency s, s per byte) of `group`'s links, every rank of the group calling it at once: the
+    fastest of `repeats` all-to-alls right after a barrier (so no rank waits for a peer still
+    computing), of `nbytes` (this rank's bytes on the wire) and of a tiny message. The exchanges
+    during the warm-up time the link with the peers' compute skew in it; this times the link."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    if world < 2:
+        return 0.0, 0.0
+    device = torch.device("cpu") if device is None else device
+    timed = []
+    for per_peer in (PROBE_TINY_BYTES, max(nbytes // (world - 1), PROBE_TINY_BYTES + 1)):
+        send = torch.zeros(world * per_peer, dtype=torch.uint8, device=device)
+        recv = torch.empty_like(send)
+        best = float("inf")
+        for _ in range(repeats):
+            dist.barrier(group=group)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            dist.all_to_all_single(recv, send, group=group)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        sent = (world - 1) * per_peer
+        timed.append((sent, link_seconds(path, sent, best)))
+    (n0, t0), (n1, t1) = timed
+    per_byte = max((t1 - t0) / (n1 - n0), 0.0)
+    return max(t0 - per_byte * n0, 0.0), per_byte
 
 
 def check_settings(gathered: list[dict]) -> None:

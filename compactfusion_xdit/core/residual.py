@@ -244,10 +244,12 @@ class ResidualState:
         """Start time of a RAW/SEED exchange to measure for auto (None: nothing is measured now)."""
         return None if self.auto is None else self.auto.clock(self.step)
 
-    def auto_observe(self, path: str, nbytes: int, start: float, sample: torch.Tensor | None = None) -> None:
-        """A measured exchange (`auto_clock` gave `start`) of `path` finished after `nbytes` were sent."""
+    def auto_observe(self, path: str, nbytes: int, start: float, sample: torch.Tensor | None = None,
+                     group: Any = None) -> None:
+        """A measured exchange (`auto_clock` gave `start`) of `path` finished after `nbytes` were
+        sent; `group`: the collective's process group, which auto probes once before deciding."""
         if nbytes and path in self.config.paths:
-            self.auto.observe(path, nbytes, start, sample)
+            self.auto.observe(path, nbytes, start, sample, group)
 
     def has_cache(self, side: str, link: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
         """Whether `side` ("send"/"recv") holds a cache of `link` for tensors of this shape and dtype."""

@@ -182,3 +182,31 @@ def test_a_rank_that_would_disagree_fails_with_one_clear_line():
         assert "\n" not in r["error"]
         assert r["error"].startswith("compression auto: rank 1 has auto floor 'residual-1bit' but rank 0 has "
                                      "'residual-int2'"), r["error"]
+
+
+def _skewed_rank(rank: int, world: int, skew_s: float) -> dict:
+    """Rank 1 reaches every warm-up exchange `skew_s` after rank 0 (a slower compute)."""
+    import time
+
+    from compactfusion_xdit.core.session import CompressionSession
+
+    session = CompressionSession(CompressionConfig.parse("auto"))
+    comm = session.comm()
+    x = torch.randn(world * 64, 128)  # 32 KB per peer
+    session.begin_request()
+    for step in range(2):
+        session.set_step(step)
+        for layer in range(4):
+            if step == 0 and rank == 1:
+                time.sleep(skew_s)
+            comm.all_to_all(("ulysses", layer, "qkv"), x)
+    return session.stats()["auto"]
+
+
+def test_a_peer_computing_slower_does_not_pass_for_a_slow_link():
+    """Real loopback, no fake rate: rank 0 waits 50 ms for its peer at each warm-up exchange, which
+    timed as transfer would make 32 KB look like 0.7 MB/s; the barrier-aligned probe times the link."""
+    skew = 0.05
+    reports = run_ranks(f"{__file__}:_skewed_rank", 2, {"skew_s": skew}, timeout=120)
+    assert reports[0] == reports[1]
+    assert reports[0]["ulysses"]["link_MBps"] > 10 * (32768 / skew / 1e6), reports[0]
