@@ -240,6 +240,18 @@ def test_bench_network_help_and_helpers():
     assert netns.parse_rate("1gbit") == 10**9 and netns.parse_rate("unshaped") is None
 
 
+def test_bench_two_nodes_help_and_run_flags():
+    """Its real run needs root and network namespaces (the two-node tests in tests/paths are slow)."""
+    proc = run_script("bench_two_nodes.py", "--help")
+    assert "--rate" in proc.stdout and "--runs" in proc.stdout
+    spec = importlib.util.spec_from_file_location("bench_two_nodes_script", os.path.join(SCRIPTS, "bench_two_nodes.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.run_flags("none") == ["--compression", "none"]
+    assert script.run_flags("residual-int4:inter-node") == ["--compression", "residual-int4", "--compression-scope",
+                                                             "inter-node"]
+
+
 @pytest.mark.slow
 def test_bench_network_tiny_unshaped_run(tmp_path):
     from compactfusion_xdit.benchmarks import netns
