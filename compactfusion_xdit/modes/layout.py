@@ -52,7 +52,7 @@ class ModeSpec:
 
 MODES: dict[str, ModeSpec] = {
     "patch": ModeSpec("patch", "patch_parallel_degree", frozenset({"cfg"}),
-                      "compactfusion_xdit.modes.patch_parallel:install"),
+                      "compactfusion_xdit.modes.patch_install:install"),
     # step x Ulysses/ring: each step group's model runs sequence-parallel inside it (tests/modes/test_step_parallel.py)
     "step": ModeSpec("step", "step_parallel_degree", frozenset({"cfg", "ulysses", "ring"}),
                      "compactfusion_xdit.modes.step_parallel:install"),

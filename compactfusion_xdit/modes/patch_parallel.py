@@ -200,30 +200,16 @@ class PatchParallel:
     def _group(self):
         return self.group if self.group is not None else dist.group.WORLD
 
+    def attach(self, pipe: Any, cfg_parallel: bool = False):
+        """Hook this mode into a DiT pipeline (`patches.patch_mode_hooks.attach`); xfuser's CFG
+        parallel splits the guidance batch itself there. Returns the handle to uninstall."""
+        from compactfusion_xdit.patches import patch_mode_hooks
 
-def install(pipe: Any, args: Any, group: Any, session: Any = None):
-    """`compactfusion_xdit.modes` entry point: patch parallelism from the parsed flags (over latent
-    rows for a UNet pipeline, `compactfusion_xdit.modes.unet_patch_parallel`)."""
-    from compactfusion_xdit.patches.unet_patch_hooks import unet_of
-
-    cls = PatchParallel
-    if unet_of(pipe) is not None:
-        from compactfusion_xdit.modes.unet_patch_parallel import UNetPatchParallel as cls
-    mode = cls(int(args.patch_parallel_degree), getattr(args, "patch_parallel_mode", "displaced"),
-               int(getattr(args, "warmup_steps", 1)), group, session)
-    return install_on(pipe, mode, cfg_parallel=bool(getattr(args, "use_cfg_parallel", False)))
+        return patch_mode_hooks.attach(pipe, self)
 
 
 def install_on(pipe: Any, mode: PatchParallel, cfg_parallel: bool = False):
-    """Hook `mode` into `pipe` (see `compactfusion_xdit.patches.patch_mode_hooks.attach`; a
-    `UNetPatchParallel`: `compactfusion_xdit.patches.unet_patch_hooks.attach`, which splits the
-    guidance batch itself when `cfg_parallel`)."""
-    from compactfusion_xdit.modes.unet_patch_parallel import UNetPatchParallel
-
-    if isinstance(mode, UNetPatchParallel):
-        from compactfusion_xdit.patches import unet_patch_hooks
-
-        return unet_patch_hooks.attach(pipe, mode, cfg_parallel)
-    from compactfusion_xdit.patches import patch_mode_hooks as hooks
-
-    return hooks.attach(pipe, mode)
+    """Hook `mode` into `pipe` (`mode.attach`: the DiT hooks of
+    `compactfusion_xdit.patches.patch_mode_hooks`, or a `UNetPatchParallel`'s own, which split the
+    guidance batch themselves when `cfg_parallel`)."""
+    return mode.attach(pipe, cfg_parallel)

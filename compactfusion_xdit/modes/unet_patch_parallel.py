@@ -56,6 +56,13 @@ class UNetPatchParallel(PatchParallel):
         self.below = glob(self.rank + 1) if self.rank + 1 < degree else None
 
     # ----- lifecycle ------------------------------------------------------------------------------
+    def attach(self, pipe: Any, cfg_parallel: bool = False):
+        """Hook this mode into a UNet pipeline (`patches.unet_patch_hooks.attach`), which splits the
+        guidance batch over the CFG group itself when `cfg_parallel`."""
+        from compactfusion_xdit.patches import unet_patch_hooks
+
+        return unet_patch_hooks.attach(pipe, self, cfg_parallel)
+
     def begin_request(self, total_steps: int) -> None:
         super().begin_request(total_steps)
         self.conv = self.norm = -1

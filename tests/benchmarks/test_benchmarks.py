@@ -219,6 +219,7 @@ def test_network_bench_leaves_nothing_after_ctrl_c(tmp_path):
 
 
 @needs_netns
+@pytest.mark.slow  # CI time: root, namespaces and a launch per codec (~50 s)
 def test_network_quick_mode_measures_latency_bytes_and_psnr(tmp_path):
     proc = _run_script("bench_network.py", "--quick", "--tag", "ab0c5", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr

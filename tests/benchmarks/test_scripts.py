@@ -136,6 +136,7 @@ def _coded_row_is_sensible(row: dict, min_ratio: float, min_db: float) -> None:
             assert math.isfinite(row[ref]["psnr_db"]) and row[ref]["psnr_db"] > min_db
 
 
+@pytest.mark.slow  # CI time: a minute of runs; the fidelity paths are tested in tests/paths
 def test_bench_fidelity_ulysses_table_scores_against_one_process_and_uncompressed(tmp_path):
     rows = _path_table(tmp_path, "ulysses")
     assert list(rows) == ["none", "residual-int4", "int4"]
@@ -196,6 +197,7 @@ def test_bench_fidelity_image_table_quick(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # CI time (~17 s)
 def test_kv_codec_fidelity_codes_every_kv_and_stays_close(tmp_path):
     out = tmp_path / "kv.json"
     run_script("kv_codec_fidelity.py", "--model", "tiny-flux", "--size", "32", "--steps", "3", "--prompts", "a cat",
@@ -215,6 +217,7 @@ def test_project_gpu_projects_from_the_recorded_figures(tmp_path):
     assert "bench_fused_h100.json" in result["figures"]["codec"]["source"]
 
 
+@pytest.mark.slow  # CI time (~10 s)
 def test_train_tiny_model_trains_a_few_steps_and_saves_a_loadable_folder(tmp_path):
     out = tmp_path / "model"
     run_script("train_tiny_model.py", "--out", str(out), "--steps", "3", "--batch-size", "4", "--double-blocks", "1",

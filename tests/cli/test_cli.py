@@ -178,6 +178,7 @@ def test_help_lists_xfusers_flags_and_ours(model_cache):
         assert flag in proc.stdout, flag
 
 
+@pytest.mark.slow  # CI time; tests/cli/test_first_run.py runs the README command, which writes both
 def test_two_rank_ulysses_run_writes_the_image_and_stats(model_cache, tmp_path):
     from PIL import Image
 

@@ -28,6 +28,7 @@ def _checks():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+@pytest.mark.slow  # CI time (~21 s); scripts/gpu_check.sh runs the kernels on a GPU
 def test_interpreter_kernels_match_reference():
     repo = os.path.dirname(HERE)
     path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)

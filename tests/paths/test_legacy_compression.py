@@ -218,6 +218,7 @@ def test_ring_bytes_equal_the_codec_payload_arithmetic_and_caches_agree(ring_int
         assert rank["mismatches"] == []
 
 
+@pytest.mark.slow  # CI time; the warm-up-step test checks raw legacy bytes are stock
 def test_ring_with_every_message_raw_is_bitwise_stock():
     for rank in run_ranks(f"{HERE}:ring_target", RING_WORLD,
                           {"compression": "residual-int4", "warmup": 10**6}, timeout=120):

@@ -116,8 +116,10 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     [
         (2, ["--ulysses_degree", "2"]),
         (2, ["--ring_degree", "2"]),
-        (4, ["--ulysses_degree", "2", "--ring_degree", "2"]),
-        (2, ["--pipefusion_parallel_degree", "2", "--num_pipeline_patch", "2", "--warmup_steps", str(STEPS)]),
+        # CI time: Ulysses x ring is in test_ring_compression.py, PipeFusion in test_pipefusion_compression.py
+        pytest.param(4, ["--ulysses_degree", "2", "--ring_degree", "2"], marks=pytest.mark.slow),
+        pytest.param(2, ["--pipefusion_parallel_degree", "2", "--num_pipeline_patch", "2", "--warmup_steps", str(STEPS)],
+                     marks=pytest.mark.slow),
     ],
     ids=["ulysses2", "ring2", "ulysses2xring2", "pipefusion2-all-warmup"],
 )
@@ -142,6 +144,7 @@ def test_pixart_ulysses2_equals_single_process(pixart, pixart_single):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # CI time; PipeFusion closeness is in test_pipefusion_compression.py
 def test_flux_pipefusion2_one_warmup_step_is_close_but_not_exact(flux, flux_single):
     # 1 synchronous step, then 2 asynchronous steps over 2 patches: each patch attends to the
     # other patch's K/V from the previous step. Measured max |diff| 4.7e-3 with |latents| <= 4.2

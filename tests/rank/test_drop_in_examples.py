@@ -81,7 +81,7 @@ def cache(tmp_path_factory):
 
 @pytest.mark.parametrize("script, model, extra", [
     ("pixartalpha_example.py", "tiny-pixart", ("--compression-check",)),
-    ("pixartsigma_example.py", "tiny-pixart-sigma", ()),
+    pytest.param("pixartsigma_example.py", "tiny-pixart-sigma", (), marks=pytest.mark.slow),  # CI time
 ])
 def test_shipped_example_runs_compressed(script, model, extra, tmp_path, cache, monkeypatch):
     from compactfusion_xdit.models import registry

@@ -178,6 +178,7 @@ def check_dtypes(last: dict, names: list[str], bound: float) -> None:
                 assert 0 < sent < raw, (dtype, name, raw, sent)
 
 
+@pytest.mark.slow  # CI time; tests/paths/test_bf16_fidelity.py runs bf16 on every path
 def test_fp16_and_bf16_run_compressed(folders):
     check_dtypes(run_dtypes(["none", "residual-int4"]), ["none", "residual-int4"], bound=RESIDUAL_INT4_BOUND)
 
@@ -192,6 +193,7 @@ def test_fp16_and_bf16_run_with_every_codec(folders):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # CI time (~20 s); the runner tests below cover cfx-xdit
 def test_cfx_xdit_two_ranks_two_requests_compressed_progress_and_summary_on_rank_0(folders, tmp_path):
     """Repeated --prompt: two requests through one launch, outputs numbered per request."""
     out = tmp_path / "out"
