@@ -218,3 +218,35 @@ def save_once(path: str, build) -> str:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+class Family:
+    """The built-ins of one module, each `builders[name]()` a fresh pipeline: built seeded (global
+    RNG untouched), cached once per `version` as ``<name>-v<version>`` under the cache folder.
+
+        _FAMILY = tiny.Family({"tiny-x": _x}, MODEL_VERSION)
+        build_pipeline, cached_path, materialize = _FAMILY.build_pipeline, _FAMILY.cached_path, _FAMILY.materialize
+    """
+
+    def __init__(self, builders: dict[str, Callable], version: int) -> None:
+        self.builders, self.version = dict(builders), version
+        self.names: tuple[str, ...] = tuple(builders)
+
+    def build_pipeline(self, name: str, dtype: torch.dtype = torch.float32):
+        """A fresh pipeline of `name` (same weights every call: seeded, global RNG untouched)."""
+        if name not in self.builders:
+            raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(self.names)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(WEIGHT_SEED)
+            pipe = self.builders[name]()
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+    def cached_path(self, name: str, cache_dir: str | None = None) -> str:
+        return os.path.join(cache_dir or default_cache_dir(), f"{name}-v{self.version}")
+
+    def materialize(self, name: str, cache_dir: str | None = None) -> str:
+        """Save `name` once as a diffusers folder (written aside, renamed into place); return its path."""
+        path = self.cached_path(name, cache_dir)
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            return path
+        return save_once(path, lambda: self.build_pipeline(name))

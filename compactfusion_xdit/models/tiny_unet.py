@@ -17,7 +17,6 @@ cross-attention context; the tiny two-block VAE (latent side = image side / 2). 
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -73,26 +72,6 @@ def sd_pipeline(dtype: torch.dtype = torch.float32):
 
 
 _BUILDERS: dict[str, Callable] = {"tiny-sdxl": _sdxl}
-NAMES: tuple[str, ...] = tuple(_BUILDERS)
-
-
-def build_pipeline(name: str, dtype: torch.dtype = torch.float32):
-    """A fresh pipeline of `name` (same weights every call: seeded, global RNG untouched)."""
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown tiny UNet model {name!r}; known: {', '.join(NAMES)}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(tiny.WEIGHT_SEED)
-        pipe = _BUILDERS[name]()
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-
-
-def cached_path(name: str, cache_dir: str | None = None) -> str:
-    return os.path.join(cache_dir or tiny.default_cache_dir(), f"{name}-v{MODEL_VERSION}")
-
-
-def materialize(name: str, cache_dir: str | None = None) -> str:
-    """Save `name` once as a diffusers folder (written aside, renamed into place); return its path."""
-    path = cached_path(name, cache_dir)
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        return path
-    return tiny.save_once(path, lambda: build_pipeline(name))
+_FAMILY = tiny.Family(_BUILDERS, MODEL_VERSION)
+NAMES: tuple[str, ...] = _FAMILY.names
+build_pipeline, cached_path, materialize = _FAMILY.build_pipeline, _FAMILY.cached_path, _FAMILY.materialize

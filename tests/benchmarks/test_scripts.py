@@ -229,12 +229,18 @@ def test_train_tiny_model_trains_a_few_steps_and_saves_a_loadable_folder(tmp_pat
     assert {"model_index.json", "transformer", "vae", "scheduler"} <= set(os.listdir(out))
 
 
+def load_script(name: str):
+    """scripts/`name` as a module (its main() not run)."""
+    spec = importlib.util.spec_from_file_location(f"_script_{name[:-3]}", os.path.join(SCRIPTS, name))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_bench_network_help_and_helpers():
     proc = run_script("bench_network.py", "--help")
     assert "--rates" in proc.stdout and "--cleanup" in proc.stdout
-    spec = importlib.util.spec_from_file_location("bench_network_script", os.path.join(SCRIPTS, "bench_network.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("bench_network.py")
     opts = script.parse_options(["--quick"])
     assert (opts.ranks, opts.rates, opts.methods) == (2, "1gbit", "ulysses")
     assert script.parse_options(["--codecs", "none,auto,residual-int4"]).codecs == "none,auto,residual-int4"
@@ -247,9 +253,7 @@ def test_bench_two_nodes_help_and_run_flags():
     """Its real run needs root and network namespaces (the two-node tests in tests/paths are slow)."""
     proc = run_script("bench_two_nodes.py", "--help")
     assert "--rate" in proc.stdout and "--runs" in proc.stdout
-    spec = importlib.util.spec_from_file_location("bench_two_nodes_script", os.path.join(SCRIPTS, "bench_two_nodes.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("bench_two_nodes.py")
     assert script.run_flags("none") == ["--compression", "none"]
     assert script.run_flags("residual-int4:inter-node") == ["--compression", "residual-int4", "--compression-scope",
                                                              "inter-node"]
@@ -282,9 +286,7 @@ def test_bench_fidelity_scores_lpips_with_a_local_torchscript_module(tmp_path):
 
     weights = tmp_path / "distance.pt"
     torch.jit.script(MeanAbs()).save(str(weights))
-    spec = importlib.util.spec_from_file_location("bench_fidelity_script", os.path.join(SCRIPTS, "bench_fidelity.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("bench_fidelity.py")
     ref = np.zeros((8, 8, 3), dtype=np.uint8)
     img = np.full((8, 8, 3), 51, dtype=np.uint8)  # 51 / 127.5 = 0.4 in [-1, 1] units
     summary = script.score([ref, ref], [img, ref], [{"seed": 0}, {"seed": 1}], script.Lpips(str(weights)))
