@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import shlex
 
 from compactfusion_xdit.cli import flags as cli_args
@@ -49,6 +50,10 @@ def settings(argv: list[str]) -> argparse.Namespace:
     return ns
 
 
+#: The dry run lists xfuser's groups up to this many ranks.
+MAX_LISTED_RANKS = 512
+
+
 def _groups(ns: argparse.Namespace, nproc_per_node: int = 0) -> list[str]:
     """xfuser's groups; on several nodes (torchrun places ranks node by node, `nproc_per_node`
     each) whether each kind stays inside nodes or crosses them (what ``--compression-scope
@@ -56,10 +61,12 @@ def _groups(ns: argparse.Namespace, nproc_per_node: int = 0) -> list[str]:
     from compactfusion_xdit.modes import layout
     from compactfusion_xdit.patches import rank_groups
 
+    degrees = (ns.tensor_parallel_degree, ns.ulysses_degree, ns.ring_degree, ns.pipefusion_parallel_degree,
+               2 if ns.use_cfg_parallel else 1, layout.xfuser_data_parallel_degree(ns))
+    if math.prod(degrees) > MAX_LISTED_RANKS:  # listing every group of a huge world costs minutes and GBs
+        return [f"  groups       (not listed above {MAX_LISTED_RANKS} ranks)"]
     try:
-        groups = rank_groups.rank_groups(ns.tensor_parallel_degree, ns.ulysses_degree, ns.ring_degree,
-                                         ns.pipefusion_parallel_degree, 2 if ns.use_cfg_parallel else 1,
-                                         layout.xfuser_data_parallel_degree(ns))
+        groups = rank_groups.rank_groups(*degrees)
     except Exception as err:  # the layout is informative; the launch checks above already passed
         return [f"  groups       (not computed: {err})"]
     lines = []

@@ -140,3 +140,15 @@ def test_the_shipped_configs_dry_run_cleanly():
             assert code in (0, 3) and not err, (name, err)  # 3: a real model's placeholder path
             assert out.startswith("xfuser: dry run, nothing launched"), (name, out)
             assert (code == 3) == ("model: /path/to/" in open(os.path.join(root, name)).read()), (name, code)
+
+
+def test_a_dry_run_of_a_huge_world_answers_at_once_without_listing_groups():
+    """A hypothesis run found it: listing xfuser's groups of a million ranks took minutes and GBs."""
+    import time
+
+    start = time.monotonic()
+    code, out, err = run_cli(["--model", "tiny-flux", "--ring_degree", "1024", "--data_parallel_degree", "1024",
+                              "--dry-run"])
+    assert time.monotonic() - start < 10, "the dry run enumerated the groups"
+    assert code == 0, (out, err)
+    assert "ranks        1048576 " in out and "groups       (not listed above 512 ranks)" in out, out
