@@ -170,24 +170,32 @@ class PatchParallel:
         slot = (layer, name)
         if layer == len(self.kv_shapes):
             self.kv_shapes.append(tuple(image.shape))
-        if not self.displaced_now:
-            gathered = self._launch(slot, image).wait()
-            if name == "k":
-                self.counts["sync_layers"] += 1
-            if self.mode == "displaced" and self.step + 1 == self.warmup:
-                self._stale[slot] = gathered  # the first displaced step reuses the last warm-up K/V
-        else:
-            pending = self._pending.pop(slot, None)
-            gathered = pending.wait() if pending is not None else self._stale.pop(slot, None)
-            if gathered is None:
-                raise RuntimeError(f"displaced patch parallelism: no K/V of the previous step for layer {layer} "
-                                   "(the backbone's attention layers changed between steps)")
+        displaced = self.displaced_now
+        gathered = self.fresh_or_previous(slot, lambda: self._launch(slot, image), f"K/V for layer {layer}")
+        if displaced:
             gathered[self.rank] = image  # own tokens always fresh
-            if self.total == 0 or self.step + 1 < self.total:
-                self._pending[slot] = self._launch(slot, image)
-            if name == "k":
-                self.counts["displaced_layers"] += 1
+        if name == "k":
+            self.counts["displaced_layers" if displaced else "sync_layers"] += 1
         return torch.cat(gathered.unbind(0), dim=seq_dim)
+
+    def fresh_or_previous(self, slot: tuple, launch, what: str):
+        """The result of the exchange `launch()` starts for `slot`: this step's on a synchronous
+        step; on a displaced step the previous step's (its handle waited for now) while this
+        step's is launched for the next one (not at a request's last step). The last warm-up
+        step's result is kept for the first displaced step. `what` names the exchange in errors."""
+        if not self.displaced_now:
+            result = launch().wait()
+            if self.mode == "displaced" and self.step + 1 == self.warmup:
+                self._stale[slot] = result
+            return result
+        pending = self._pending.pop(slot, None)
+        result = pending.wait() if pending is not None else self._stale.pop(slot, None)
+        if result is None:
+            raise RuntimeError(f"displaced patch parallelism: no {what} of the previous step "
+                               "(the model's layers changed between steps)")
+        if self.total == 0 or self.step + 1 < self.total:
+            self._pending[slot] = launch()
+        return result
 
     def _launch(self, slot: tuple, image: torch.Tensor) -> Pending:
         """Asynchronous all-gather of `image`; ``wait()`` gives ``(P, *image.shape)``."""

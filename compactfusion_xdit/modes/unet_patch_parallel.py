@@ -107,20 +107,9 @@ class UNetPatchParallel(PatchParallel):
             self.halo_shapes.append((() if send_up is None else (b, bottom, w, c),
                                      () if send_down is None else (b, top, w, c)))
         slot = ("halo", conv)
-        if not self.displaced_now:
-            rows = self._post_halo(conv, send_up, send_down, x, top, bottom).wait()
-            self.counts["sync_halos"] += 1
-            if self.mode == "displaced" and self.step + 1 == self.warmup:
-                self._stale[slot] = rows
-        else:
-            pending = self._pending.pop(slot, None)
-            rows = pending.wait() if pending is not None else self._stale.pop(slot, None)
-            if rows is None:
-                raise RuntimeError(f"displaced patch parallelism: no halo rows of the previous step for "
-                                   f"convolution {conv} (the UNet's layers changed between steps)")
-            if self.total == 0 or self.step + 1 < self.total:
-                self._pending[slot] = self._post_halo(conv, send_up, send_down, x, top, bottom)
-            self.counts["displaced_halos"] += 1
+        self.counts["displaced_halos" if self.displaced_now else "sync_halos"] += 1
+        rows = self.fresh_or_previous(slot, lambda: self._post_halo(conv, send_up, send_down, x, top, bottom),
+                                      f"halo rows for convolution {conv}")
         above, below = rows
         out = x.new_empty((b, c, top + h + bottom, w))
         out[:, :, top:top + h] = x
@@ -170,21 +159,11 @@ class UNetPatchParallel(PatchParallel):
         slot = ("norm", self.norm)
         if self.norm == len(self.stats_nbytes):
             self.stats_nbytes.append(local.numel() * local.element_size())
-        if not self.displaced_now:
-            gathered = self._gather_raw(local).wait()
-            self.counts["sync_norms"] += 1
-            if self.mode == "displaced" and self.step + 1 == self.warmup:
-                self._stale[slot] = gathered
-        else:
-            pending = self._pending.pop(slot, None)
-            gathered = pending.wait() if pending is not None else self._stale.pop(slot, None)
-            if gathered is None:
-                raise RuntimeError(f"displaced patch parallelism: no GroupNorm statistics of the previous step "
-                                   f"for norm {self.norm} (the UNet's layers changed between steps)")
+        displaced = self.displaced_now
+        gathered = self.fresh_or_previous(slot, lambda: self._gather_raw(local), f"GroupNorm statistics for norm {self.norm}")
+        if displaced:
             gathered[self.rank] = local  # own statistics always fresh
-            if self.total == 0 or self.step + 1 < self.total:
-                self._pending[slot] = self._gather_raw(local)
-            self.counts["displaced_norms"] += 1
+        self.counts["displaced_norms" if displaced else "sync_norms"] += 1
         means, variances = gathered.unbind(-1)  # (P, B, G) each
         mean = means.mean(0)
         return mean, (variances + (means - mean).square()).mean(0)
