@@ -17,10 +17,15 @@ resolution of the UNet: down- and up-sampling by 2 keep the bands aligned when H
 * **Self-attention**: K/V of every band, all-gathered as in `PatchParallel` (keys
   ``("patch", layer, "k"|"v")``); cross-attention reads text only and stays local.
 
-``sync`` exchanges fresh halos/statistics/KV in every layer. ``displaced`` does so in the first
-`warmup` steps; afterwards each layer uses the other ranks' halo rows, statistics and K/V of the
-previous step with its own fresh ones (GroupNorm: the others' stale band statistics combined with
-the fresh local ones), and launches this step's exchange asynchronously for the next step.
+``sync`` exchanges fresh halos/statistics/KV in every layer. ``displaced`` runs its first `warmup`
+steps on the *whole* latent on every rank (`whole_now`: the stock UNet, bitwise one process's
+result, nothing exchanged; each warm-up step costs one undivided step of compute) and keeps, from
+the last of them, the other bands' halo rows, statistics and K/V as "the previous step's". A banded
+sync step could not give that exactness: its whole-image GroupNorm statistics are combined from
+band moments, a different float summation than torch's kernel. Afterwards each layer uses the
+other ranks' halo rows, statistics and K/V of the previous step with its own fresh ones
+(GroupNorm: the others' stale band statistics combined with the fresh local ones), and launches
+this step's exchange asynchronously for the next step.
 
 Compression (a `CompressionSession`): halo rows and K/V travel through ``session.comm(group)`` as
 residual payloads on path ``patch``. GroupNorm statistics stay raw (``2*B*G`` floats per layer: the
@@ -68,13 +73,29 @@ class UNetPatchParallel(PatchParallel):
         self.conv = self.norm = -1
         self.halo_shapes: list[tuple[tuple, tuple]] = []  # per convolution: shapes (to above, to below)
         self.stats_nbytes: list[int] = []  # per GroupNorm: bytes of this rank's statistics
-        self.counts.update(sync_halos=0, displaced_halos=0, sync_norms=0, displaced_norms=0)
+        self.counts.update(sync_halos=0, displaced_halos=0, sync_norms=0, displaced_norms=0, whole_calls=0)
 
     def begin_call(self, timestep: Any) -> None:
         step = self.step
         super().begin_call(timestep)
         if self.step != step:
             self.conv = self.norm = -1
+        if self.whole_now:
+            self.counts["whole_calls"] += 1
+
+    @property
+    def whole_now(self) -> bool:
+        """A displaced-mode warm-up step: every rank runs the whole latent through the stock layers."""
+        return self.mode == "displaced" and self.step < self.warmup
+
+    def _keep(self, slot: tuple, make) -> None:
+        """On the last whole warm-up step, keep `make()` as `slot`'s previous-step exchange result."""
+        if self.step + 1 == self.warmup:
+            self._stale[slot] = make()
+
+    def _band(self, height: int) -> tuple[int, int]:
+        share = height // self.degree
+        return self.rank * share, (self.rank + 1) * share
 
     def band_rows(self, height: int, multiple: int, pixels_per_row: int = 1) -> None:
         """Refuse a latent `height` whose bands would not stay aligned through the UNet's `multiple`
@@ -90,7 +111,12 @@ class UNetPatchParallel(PatchParallel):
     # ----- self-attention -------------------------------------------------------------------------
     def exchange(self, layer: int, key: torch.Tensor, value: torch.Tensor, seq_dim: int,
                  text_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of self-attention layer `layer` (this band's tokens only) widened to every band's."""
+        """K and V of self-attention layer `layer` (this band's tokens only) widened to every band's;
+        on a whole step (every token already here) they stay as they are."""
+        if self.whole_now:
+            for name, x in (("k", key), ("v", value)):
+                self._keep((layer, name), lambda x=x: torch.stack(x.chunk(self.degree, dim=seq_dim)))
+            return key, value
         return (self._image_all(layer, "k", key.contiguous(), seq_dim),
                 self._image_all(layer, "v", value.contiguous(), seq_dim))
 
@@ -118,6 +144,19 @@ class UNetPatchParallel(PatchParallel):
         if bottom:
             out[:, :, top + h:] = 0 if below is None else below.permute(0, 3, 1, 2)
         return out
+
+    def whole_conv(self, x: torch.Tensor, top: int, bottom: int) -> None:
+        """A convolution of a whole step (`x`: the whole image): numbered like `halo`, and on the last
+        warm-up step the rows `halo` would receive next step are kept, channels-last."""
+        self.conv += 1
+        lo, hi = self._band(x.shape[2])
+
+        def rows():
+            above = x[:, :, lo - top:lo] if self.above is not None and top else None
+            below = x[:, :, hi:hi + bottom] if self.below is not None and bottom else None
+            return tuple(None if r is None else r.permute(0, 2, 3, 1).contiguous() for r in (above, below))
+
+        self._keep(("halo", self.conv), rows)
 
     def _post_halo(self, conv: int, send_up, send_down, x: torch.Tensor, top: int, bottom: int) -> Pending:
         """Post this band's edge rows and the receives of the neighbours'; ``wait()`` gives
@@ -168,6 +207,14 @@ class UNetPatchParallel(PatchParallel):
         mean = means.mean(0)
         return mean, (variances + (means - mean).square()).mean(0)
 
+    def whole_norm(self, x: torch.Tensor, groups: int) -> None:
+        """A GroupNorm of a whole step (`x`: the whole image): numbered like `norm_stats`, and on the
+        last warm-up step every band's moments are kept as the gathered statistics."""
+        self.norm += 1
+        bands = x.shape[2] // self.degree
+        self._keep(("norm", self.norm),
+                   lambda: torch.stack([group_moments(band, groups) for band in x.split(bands, dim=2)]))
+
     def _gather_raw(self, x: torch.Tensor) -> Pending:
         """Asynchronous raw all-gather of `x` (counted as raw ``patch`` traffic); ``wait()`` gives
         ``(P, *x.shape)``."""
@@ -180,3 +227,9 @@ class UNetPatchParallel(PatchParallel):
             nbytes = (self.degree - 1) * x.numel() * x.element_size()
             self.session.state.record(PATH, MessageKind.RAW, nbytes, nbytes, self.degree - 1)
         return Pending([work], lambda: out, keep=x)
+
+
+def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B, G, 2)`` fp32 [mean, variance] of `x` (B, C, ...) per (sample, channel group)."""
+    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1).float(), dim=-1, correction=0)
+    return torch.stack([mean, var], dim=-1)

@@ -24,6 +24,9 @@ wrapper, which forwards attribute reads to it, ``StableDiffusionPipeline``):
   ranks the world is larger and xfuser leaves the UNet whole. With `cfg_parallel` the UNet pre-hook
   keeps this rank's half of the batch (rank in xfuser's CFG group: ``get_cfg_group()``) and a
   forward hook all-gathers the halves over that group.
+* **Whole warm-up steps** (displaced mode, `UNetPatchParallel.whole_now`): every hook passes the
+  whole latent through the stock layer (the class's own ``forward``), so those steps are bitwise one
+  process's; the convolution and GroupNorm hooks only keep what the first displaced step needs.
 * **Steps**: ``scheduler.set_timesteps`` is wrapped on the instance (a new request).
 
 `Handle.uninstall()` removes every hook and instance attribute and restores every replaced one.
@@ -37,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from compactfusion_xdit.modes.unet_patch_parallel import group_moments
 from compactfusion_xdit.patches.patch_mode_hooks import (Handle, _hook_attention_modules, _Mark, _wrap_kernels,
                                                           _wrap_set_timesteps)
 
@@ -107,6 +111,9 @@ def _conv_forward(conv: torch.nn.Conv2d, mode: Any):
     padding = (0, conv.padding[1])
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if mode.whole_now:
+            mode.whole_conv(x, top, bottom)
+            return type(conv).forward(conv, x)
         return F.conv2d(mode.halo(x, top, bottom), conv.weight, conv.bias, conv.stride, padding, conv.dilation,
                         conv.groups)
 
@@ -117,9 +124,11 @@ def _norm_forward(norm: torch.nn.GroupNorm, mode: Any):
     groups, eps = norm.num_groups, norm.eps
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if mode.whole_now:
+            mode.whole_norm(x, groups)
+            return type(norm).forward(norm, x)
         b, c = x.shape[:2]
-        var, mean = torch.var_mean(x.reshape(b, groups, -1).float(), dim=-1, correction=0)
-        mean, var = mode.norm_stats(torch.stack([mean, var], dim=-1))
+        mean, var = mode.norm_stats(group_moments(x, groups))
         scale = torch.rsqrt(var + eps).repeat_interleave(c // groups, dim=1)  # (B, C)
         shift = -mean.repeat_interleave(c // groups, dim=1) * scale
         if norm.affine:
@@ -157,9 +166,9 @@ def _hook_unet(handle: Handle, unet: Any, mode: Any, sizes: tuple[int, int], cfg
     handle.hooks.append(unet.register_forward_pre_hook(before_call, with_kwargs=True))
     handle.hooks.append(unet.register_forward_hook(after_call, with_kwargs=True))
     handle.hooks.append(unet.conv_in.register_forward_hook(
-        lambda module, args, output: mode.split_tokens(output, dim=2).contiguous()))
+        lambda module, args, output: output if mode.whole_now else mode.split_tokens(output, dim=2).contiguous()))
     handle.hooks.append(unet.conv_out.register_forward_hook(
-        lambda module, args, output: mode.gather_tokens(output, dim=2)))
+        lambda module, args, output: output if mode.whole_now else mode.gather_tokens(output, dim=2)))
 
 
 def _cfg_half(args: tuple, kwargs: dict, batch: int, cfg) -> tuple[tuple, dict]:
