@@ -114,7 +114,8 @@ def build_rows(method: str, codec: str, rates: list[str], result: dict, referenc
         rows.append({"method": method, "codec": codec, "rate": rate, "ranks": ranks,
                      "latency_s": statistics.median(lat), "latencies_s": lat, "warmup_s": phase["warmup_s"],
                      "raw_bytes": phase["raw_bytes"], "sent_bytes": phase["sent_bytes"],
-                     "psnr_db": quality, "identical": image is not None and reference is not None and quality is None})
+                     "psnr_db": quality, "identical": image is not None and reference is not None and quality is None,
+                     **({"auto": phase["auto"]} if phase.get("auto") else {})})
     return rows
 
 
@@ -192,7 +193,8 @@ def markdown(result: dict) -> str:
                     continue
                 any_row = r
                 sp = r.get("speedup_vs_none")
-                cells.append(f"{r['latency_s']:.2f}" + ("" if codec == "none" or sp is None else f" ({sp:.2f}x)"))
+                chose = "" if not r.get("auto") else " " + "/".join(sorted(set(r["auto"].values())))
+                cells.append(f"{r['latency_s']:.2f}" + ("" if codec == "none" or sp is None else f" ({sp:.2f}x)") + chose)
                 if codec == "none" and r.get("comm_share_none") is not None:
                     shares.setdefault(method, []).append(f"{rate} {100 * r['comm_share_none']:.0f} %")
             psnr = "identical" if any_row["identical"] else ("–" if any_row["psnr_db"] is None else f"{any_row['psnr_db']:.1f}")

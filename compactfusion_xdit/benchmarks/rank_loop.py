@@ -34,9 +34,11 @@ def _wait_for(path: str, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def _begin_request(session) -> None:
+def _begin_request(session, link: int | None = None) -> None:
+    """`link`: the phase, given as the request's shape so that ``--compression auto`` measures each
+    rate afresh, as a launch on that link would (a decision holds while the shape does)."""
     if session is not None:
-        session.begin_request(reset_stats=True)
+        session.begin_request(reset_stats=True, shape=None if link is None else ("link", link))
 
 
 def _image_array(out) -> np.ndarray | None:
@@ -109,7 +111,7 @@ def _one_run(argv: list[str], spec: dict, first_phase: int):
         _wait_for(os.path.join(workdir, f"phase{phase}.go"), spec.get("phase_timeout", 600))
         latencies, traffic = [], None
         for i in range(1 + spec["requests"]):
-            _begin_request(session)
+            _begin_request(session, phase)
             dist.barrier()
             start = time.perf_counter()
             out = worker.call_pipeline(loaded, args)
@@ -120,6 +122,9 @@ def _one_run(argv: list[str], spec: dict, first_phase: int):
                 session.end_request()
             if i == 1 or spec["requests"] == 0:
                 traffic = {k: counted[k] for k in ("raw_bytes", "sent_bytes", "paths")}
+                auto = session.stats().get("auto") if session is not None else None
+                if auto:  # --compression auto: what it chose per path on this link
+                    traffic["auto"] = {path: r.get("codec") for path, r in auto.items()}
                 if phase == first_phase:
                     image = _image_array(out)
         record["phases"].append({"warmup_s": latencies[0], "latencies_s": latencies[1:], **traffic})
