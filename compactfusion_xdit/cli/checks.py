@@ -122,11 +122,6 @@ def check_settings(args: argparse.Namespace, model_path: str | None, class_name:
         modes_layout.check(args)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if getattr(args, "compression", "none") == "auto" and (par["pipefusion"] > 1 or par["step"] > 1):
-        # auto agrees on its decision with one collective at the first coded step; pipeline stages
-        # and step-parallel ranks reach that step at different times, so it would wait forever
-        what = "PipeFusion (--pipefusion_parallel_degree > 1)" if par["pipefusion"] > 1 else "step parallelism"
-        raise UsageError(f"--compression auto does not support {what} yet; name a codec, e.g. --compression residual-int4")
     output_type = getattr(args, "output_type", "pil")
     if output_type not in ("pil", "latent"):
         raise UsageError(f"--output_type {output_type!r} is not supported; use pil or latent")

@@ -80,6 +80,13 @@ def _groups(ns: argparse.Namespace, nproc_per_node: int = 0) -> list[str]:
     return lines or ["  groups       none (one rank)"]
 
 
+def _pipelined(ns: argparse.Namespace) -> bool:
+    """Whether the layout's ranks are not in lock-step within a request (PipeFusion, step parallelism)."""
+    from compactfusion_xdit.modes import layout
+
+    return int(getattr(ns, "pipefusion_parallel_degree", 1) or 1) > 1 or layout.degree(ns, "step") > 1
+
+
 def _compression(ns: argparse.Namespace) -> list[str]:
     config = cli_args.compression_config(ns)
     if not config.enabled:
@@ -90,8 +97,12 @@ def _compression(ns: argparse.Namespace) -> list[str]:
     lines += [f"  schedule     {rule}" for rule in config.schedule]
     if "auto" in (config.mode, *(str(rule.codec) for rule in config.schedule)):
         every = f"every {config.auto_every} requests" if config.auto_every else "once per launch and request shape"
-        lines.append(f"  auto         decides at run time: per path, the link and codec costs measured in the warm-up, "
-                     f"candidates none .. {config.auto_floor}, agreed by all ranks ({every})")
+        if _pipelined(ns):  # ranks not in lock-step: measured in a raw request, agreed when the next starts
+            when = "measured in the first request (sent raw), agreed at the start of the next"
+        else:
+            when = "measured in the warm-up, agreed at the first coded step"
+        lines.append(f"  auto         decides at run time: per path, the link and codec costs {when}, "
+                     f"candidates none .. {config.auto_floor}, same on all ranks ({every})")
     return lines
 
 

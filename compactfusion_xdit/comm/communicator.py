@@ -292,7 +292,7 @@ class CompressedCommunicator:
                 if kind is MessageKind.SEED:
                     state.seed_receiver(plan.link, out)
                 if start is not None:
-                    state.auto_observe(plan.path, out.numel() * out.element_size(), start, out)
+                    state.auto_observe(plan.path, out.numel() * out.element_size(), start, out, link=(src, me))
                 return out
 
             return Pending([received], finish_raw)

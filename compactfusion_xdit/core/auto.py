@@ -17,9 +17,14 @@ The life of a decision (one `AutoSelector` per `ResidualState` whose config is i
    from the same gathered data: per path, the candidate minimising the expected exchange time of
    the slowest rank, ``payload / link throughput + encode + decode``; ``none`` when coding does not
    pay. Candidates: none, residual-int8, -int4, -int2, -1bit, up to the floor (``auto_floor``).
+   PipeFusion and step parallelism (`between_requests`): their ranks are not in lock-step within a
+   request (a collective there would wait for a stage that waits for it), so the measured request
+   is sent raw throughout and the ranks agree in `begin_request` of the next request, where no rank
+   has anything in flight; that request's coded steps use the decision. Their point-to-point links
+   are probed all at once (`probe_links`).
 3. Hold. The decision holds for the launch; it is dropped (and measured again in the next
-   request's warm-up) when the request shape given to `begin_request` changes or every
-   ``auto_every`` requests (0: never).
+   request's warm-up, or the whole next request between requests) when the request shape given
+   to `begin_request` changes or every ``auto_every`` requests (0: never).
 
 Pure core: knows nothing of xfuser; the group is the default (world) process group.
 """
@@ -41,6 +46,7 @@ SAMPLE_ELEMENTS = 1 << 16  # elements of a path's raw tensor the codec timing co
 REPEATS = 3
 PROBE_REPEATS = 5  # all-to-alls per size in a link probe (the fastest counts)
 PROBE_TINY_BYTES = 64  # per peer: the probe's latency-only message
+PROBE_TAG = 0xA07  # point-to-point tag of the link probes (world group, between requests)
 
 
 def candidates(floor: str) -> tuple[str, ...]:
@@ -81,12 +87,17 @@ class AutoSelector:
         self._shape: Hashable = None  # the request shape the decision was made for
         self._requests_since = 0  # requests with coded steps since the decision
         self._coded = False  # the current request reached a coded step under the decision
+        #: Agree in `begin_request` on what the previous request measured, not at the first coded
+        #: step (set by layouts whose ranks are not in lock-step: PipeFusion, step parallelism).
+        self.between_requests = False
+        self._ran = False  # a step of the current request was set (every rank alike: see `stepped`)
         self._reset_measurements()
 
     def _reset_measurements(self) -> None:
         self._bytes: dict[str, int] = {}
         self._times: dict[str, dict[int, list[float]]] = {}  # path -> bytes of an exchange -> its seconds
         self._groups: dict[str, Any] = {}  # path -> the process group its collectives ran on (probed)
+        self._links: dict[str, set[tuple[int, int]]] = {}  # path -> (src, dst) global ranks of its p2p receives
         self._probed: dict[str, tuple[float, float]] = {}  # path -> (latency s, s per byte) of its probe
         self._samples: dict[str, torch.Tensor] = {}
         self._steps: set[int] = set()
@@ -98,10 +109,18 @@ class AutoSelector:
 
     def begin_request(self, shape: Hashable = None) -> bool:
         """A request starts; drop the decision when `shape` (if given) differs from the one it was
-        made for, or after ``auto_every`` requests. Returns whether it was dropped."""
+        made for, or after ``auto_every`` requests. Returns whether it was dropped. Between
+        requests, a pending decision is agreed here (a collective) when the previous request ran
+        steps for the same shape."""
+        ran, self._ran = self._ran, False
         if self.decision is None:
+            if shape is not None and self._shape is not None and shape != self._shape:
+                self._reset_measurements()  # measured for another shape: measure this one
+                ran = False
             if shape is not None:
                 self._shape = shape
+            if ran and self.between_requests:
+                self.agree()  # every rank: the same begin calls and steps, so the same answer
             return False
         if self._coded:  # a request nested in another's begin (the pipeline's own) is not counted
             self._requests_since += 1
@@ -114,25 +133,35 @@ class AutoSelector:
             return True
         return False
 
+    def stepped(self) -> None:
+        """A step of the current request was set. Every rank sets steps in a request that exchanges
+        anything (the lifecycle patch at each backbone call; step parallelism at each window end),
+        so whether one did since the last `begin_request` is the same on every rank."""
+        self._ran = True
+
     def coded_step(self) -> None:
         """The current request reached a coded step under the decision (counts it for ``auto_every``)."""
         self._coded = True
 
     # ----- measurement (called by the communicator on RAW/SEED exchanges) -----------------------
     def clock(self, step: int) -> float | None:
-        """A start time when exchanges are measured now (pending decision, warm-up step), else None."""
-        if self.decision is None and step < self.config.warmup:
+        """A start time when exchanges are measured now (pending decision, and a warm-up step or
+        any step between requests), else None."""
+        if self.decision is None and (step < self.config.warmup or self.between_requests):
             self._steps.add(step)
             return time.perf_counter()
         return None
 
     def observe(self, path: str, nbytes: int, start: float, sample: torch.Tensor | None = None,
-                group: Any = None) -> None:
-        """One raw exchange of `path` finished: `nbytes` this rank put on the wire since `start`
-        (on the collective `group`, if given: `agree` probes it)."""
+                group: Any = None, link: tuple[int, int] | None = None) -> None:
+        """One raw exchange of `path` finished: `nbytes` this rank put on (or, for a receive, took
+        off) the wire since `start`; on the collective `group`, or the point-to-point `link`
+        (src, dst global ranks), if given: `agree` probes it."""
         seconds = link_seconds(path, nbytes, time.perf_counter() - start)
         if group is not None:
             self._groups[path] = group
+        if link is not None:
+            self._links.setdefault(path, set()).add(tuple(link))
         self._bytes[path] = self._bytes.get(path, 0) + nbytes
         self._times.setdefault(path, {}).setdefault(nbytes, []).append(seconds)
         if sample is not None and sample.is_floating_point() and sample.numel():
@@ -146,8 +175,7 @@ class AutoSelector:
         for path, nbytes in self._bytes.items():
             latency, per_byte = self._probed.get(path) or link_fit(self._times[path])
             sample = self._samples.get(path)
-            out[path] = {"bytes_per_step": nbytes / steps, "MBps": 1 / max(per_byte, 1e-15) / 1e6,
-                         "latency_us": latency * 1e6,
+            out[path] = {"bytes_per_step": nbytes / steps, **_link_view(latency, per_byte),
                          "codecs": _codec_costs(sample, self.candidates, self.config.error_feedback)}
         return out
 
@@ -159,24 +187,38 @@ class AutoSelector:
                 "paths": ",".join(c.paths), "error feedback": c.error_feedback}
 
     def agree(self) -> dict[str, str]:
-        """Measure the codecs, share everything with one world collective, decide (same on every rank)."""
+        """Measure the codecs, share everything with one world collective, decide (same on every
+        rank). When some rank received on point-to-point links, a second collective follows the
+        probe of those links (`probe_links`)."""
         import torch.distributed as dist
 
         for path in sorted(self._groups):  # every member of a path's group has that path: the probes pair up
             sample = self._samples.get(path)
             biggest = max(self._times[path])
             self._probed[path] = probe_link(path, self._groups[path], biggest, sample.device if sample is not None else None)
-        mine = {"settings": self.settings(), "measured": self.measurements()}
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        mine = {"settings": self.settings(), "measured": self.measurements(),
+                "links": {path: sorted(links) for path, links in self._links.items()},
+                "biggest": {path: max(self._times[path]) for path in self._links}}
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
         else:
             gathered = [mine]
         check_settings(gathered)
+        links = _links_of(gathered)
+        if links and distributed:  # every rank gathered the same links: every rank probes them alike
+            probed = {path: probe_links(path, pairs, nbytes, dist.get_rank()) for path, (pairs, nbytes) in links.items()}
+            everyone: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, {p: r for p, r in probed.items() if r is not None})
+            for entry, results in zip(gathered, everyone):
+                for path, (latency, per_byte) in results.items():
+                    if path in entry["measured"]:
+                        entry["measured"][path].update(_link_view(latency, per_byte))
         self.decision, self.report = decide(gathered, self.candidates)
         self.decisions += 1
         self._requests_since = 0
+        self._coded = False
         self._samples.clear()  # no tensor of the request outlives the decision
         return self.decision
 
@@ -190,6 +232,20 @@ def _low_quantile(values: list[float], q: float = 0.25) -> float:
     imbalance does not pass for a slow link (an error that way only favours `none`)."""
     ordered = sorted(values)
     return ordered[int(q * (len(ordered) - 1))]
+
+
+def _link_view(latency: float, per_byte: float) -> dict[str, float]:
+    return {"MBps": 1 / max(per_byte, 1e-15) / 1e6, "latency_us": latency * 1e6}
+
+
+def _links_of(gathered: list[dict]) -> dict[str, tuple[list[tuple[int, int]], int]]:
+    """Per point-to-point path any rank received on: every rank's links (sorted, deduplicated) and
+    the biggest message any rank measured (both ends of a link must post the same size)."""
+    out = {}
+    for path in sorted({p for entry in gathered for p in entry["links"]}):
+        pairs = sorted({tuple(pair) for entry in gathered for pair in entry["links"].get(path, ())})
+        out[path] = (pairs, max(entry["biggest"][path] for entry in gathered if path in entry["biggest"]))
+    return out
 
 
 def link_fit(times: dict[int, list[float]]) -> tuple[float, float]:
@@ -232,6 +288,47 @@ def probe_link(path: str, group: Any, nbytes: int, device=None, repeats: int = P
             best = min(best, time.perf_counter() - start)
         sent = (world - 1) * per_peer
         timed.append((sent, link_seconds(path, sent, best)))
+    (n0, t0), (n1, t1) = timed
+    per_byte = max((t1 - t0) / (n1 - n0), 0.0)
+    return max(t0 - per_byte * n0, 0.0), per_byte
+
+
+def probe_links(path: str, links: list[tuple[int, int]], nbytes: int, me: int,
+                repeats: int = PROBE_REPEATS) -> tuple[float, float] | None:
+    """(latency s, s per byte) of this rank's part in the point-to-point `links` (src, dst global
+    ranks), every rank of the world calling it at once with the same links: the fastest of
+    `repeats` rounds right after a world barrier, each round posting every link's message at once
+    (a pipeline's stages all send to the next at once), of `nbytes` and of a tiny message. This
+    rank's bytes in a round are those of its busier direction; None when it is in no link."""
+    import torch.distributed as dist
+
+    from compactfusion_xdit.comm import p2p
+
+    peers_out = [dst for src, dst in links if src == me]
+    peers_in = [src for src, dst in links if dst == me]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    timed = []
+    for size in (PROBE_TINY_BYTES, max(nbytes, PROBE_TINY_BYTES + 1)):
+        send = torch.zeros(size, dtype=torch.uint8, device=device)
+        recvs = [torch.empty_like(send) for _ in peers_in]
+        best = float("inf")
+        for _ in range(repeats):
+            dist.barrier()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            if peers_out or peers_in:
+                sent, received = p2p.post(dist.group.WORLD, sends=[(send, dst, PROBE_TAG) for dst in peers_out],
+                                          recvs=[(buf, src, PROBE_TAG) for buf, src in zip(recvs, peers_in)])
+                sent.wait()
+                received.wait()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        moved = size * max(len(peers_out), len(peers_in))
+        timed.append((moved, link_seconds(path, moved, best) if moved else 0.0))
+    if not (peers_out or peers_in):
+        return None
     (n0, t0), (n1, t1) = timed
     per_byte = max((t1 - t0) / (n1 - n0), 0.0)
     return max(t0 - per_byte * n0, 0.0), per_byte

@@ -165,12 +165,14 @@ class ResidualState:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         self.step = step
         self.regime = self._regime(step)
-        if self.auto is not None and step >= self.config.warmup:
-            if self.auto.pending:
-                self.auto.agree()  # a world collective: every rank reaches its first coded step alike
-                self._choices.clear()
-                self.generation += 1  # exchange plans memoise kinds per generation
-            self.auto.coded_step()
+        if self.auto is not None:
+            self.auto.stepped()
+            if step >= self.config.warmup:
+                if self.auto.pending and not self.auto.between_requests:
+                    self.auto.agree()  # a world collective: every rank reaches its first coded step alike
+                    self._choices.clear()
+                    self.generation += 1  # exchange plans memoise kinds per generation
+                self.auto.coded_step()
 
     def reset(self, key: Hashable | None = None) -> None:
         """Drop the caches of link `key` (both sides), or of every link when None; the link's next
@@ -231,9 +233,13 @@ class ResidualState:
 
     def _auto_choice(self, path: str) -> tuple[str, str]:
         """(mode, codec name) auto gives `path`: the agreed name; before the decision (the warm-up
-        being measured) the floor's, so a residual floor seeds the caches a later coded step needs."""
+        being measured) the floor's, so a residual floor seeds the caches a later coded step needs,
+        or ``none`` when the ranks agree between requests (nothing is coded before it)."""
         decision = self.auto.decision
-        name = self.auto.floor if decision is None else decision.get(path, "none")
+        if decision is None:  # between requests the measured request is raw throughout
+            name = "none" if self.auto.between_requests else self.auto.floor
+        else:
+            name = decision.get(path, "none")
         parsed = self.auto.parsed.get(name)
         if parsed is None:
             config = CompressionConfig.parse(name)
@@ -245,11 +251,20 @@ class ResidualState:
         return None if self.auto is None else self.auto.clock(self.step)
 
     def auto_observe(self, path: str, nbytes: int, start: float, sample: torch.Tensor | None = None,
-                     group: Any = None) -> None:
+                     group: Any = None, link: tuple[int, int] | None = None) -> None:
         """A measured exchange (`auto_clock` gave `start`) of `path` finished after `nbytes` were
-        sent; `group`: the collective's process group, which auto probes once before deciding."""
+        sent (received, for a point-to-point receive); `group`: the collective's process group, or
+        `link`: the receive's (src, dst) global ranks, which auto probes once before deciding."""
         if nbytes and path in self.config.paths:
-            self.auto.observe(path, nbytes, start, sample, group)
+            self.auto.observe(path, nbytes, start, sample, group, link)
+
+    def auto_between_requests(self) -> None:
+        """Agree on auto's decision at request starts, on what the previous request measured (it is
+        sent raw), not at the first coded step: for layouts whose ranks are not in lock-step
+        within a request (PipeFusion stages, step-parallel ranks). Every rank must call it alike,
+        before its first request that exchanges anything. No-op without auto."""
+        if self.auto is not None:
+            self.auto.between_requests = True
 
     def has_cache(self, side: str, link: Hashable, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
         """Whether `side` ("send"/"recv") holds a cache of `link` for tensors of this shape and dtype."""

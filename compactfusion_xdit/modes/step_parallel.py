@@ -40,7 +40,10 @@ residual-coded too (one payload for every receiver, link ``("step", "latents", r
 rank 0 keeps its exact latents, the others continue from the reconstruction, which only feeds
 their next predictions, already made on approximate (reused) latents. The broadcast of the final
 window is raw, so every rank's output is bitwise equal to rank 0's. Rank 0 counts the broadcast
-as ``degree - 1`` messages of ``step`` traffic.
+as ``degree - 1`` messages of ``step`` traffic. With ``--compression auto`` the ranks agree between
+requests (`ResidualState.auto_between_requests`): a request sends its predictions and broadcasts raw
+while they are timed, and the decision is agreed at the next ``session.begin_request`` (the request
+loop's; a caller driving the mode alone calls it before each request).
 
     mode = StepParallel(degree=2, warmup=2, group=None, session=patches.session())
     mode.install(pipe)            # pipe: a diffusers pipeline or an xfuser pipeline wrapper
@@ -141,6 +144,8 @@ class StepParallel:
         self.ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD) \
             if dist.is_initialized() else [0]
         self._installed: list[tuple[Any, str, Any]] = []
+        if session is not None and degree > 1:  # ranks are not in lock-step within a window
+            session.state.auto_between_requests()
         self.begin_request(0)
 
     # ----- request state --------------------------------------------------------------------------

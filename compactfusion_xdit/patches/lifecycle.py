@@ -27,6 +27,9 @@ are pipelined, so a collective at one stage's step boundary would wait for a sta
 waiting for the first one's next patch (observed: deadlock), and stage-to-stage messages are in
 flight there.
 
+``--compression auto`` with PipeFusion (pipeline degree > 1): at each request start the session is
+told to agree between requests (`ResidualState.auto_between_requests`), for the same reason.
+
 Nothing here depends on one model file; the loops of Flux, PixArt, SD3 (sync and PipeFusion
 async) all pass through these two points.
 """
@@ -85,9 +88,7 @@ class StepTracker:
     def _checks_per_step(self) -> bool:
         if not getattr(self.session.config, "check", False):
             return False
-        from xfuser.core.distributed import get_pipeline_parallel_world_size
-
-        return get_pipeline_parallel_world_size() <= 1
+        return not _pipelined()
 
     def begin_request(self) -> None:
         """Called by `CompressionSession.begin_request`: step counting and cache checks start afresh."""
@@ -170,8 +171,17 @@ def _plain_diffusers_backbones() -> list[type]:
     return found
 
 
+def _pipelined() -> bool:
+    """Whether xfuser runs PipeFusion (pipeline degree > 1; False before its groups exist)."""
+    from xfuser.core.distributed import get_pipeline_parallel_world_size, model_parallel_is_initialized
+
+    return model_parallel_is_initialized() and get_pipeline_parallel_world_size() > 1
+
+
 def _begin_request_wrapper(original, tracker: StepTracker):
     def set_parameters(self, *args, **kwargs):
+        if tracker.session.state.auto is not None and _pipelined():  # stages not in lock-step: auto agrees between requests
+            tracker.session.state.auto_between_requests()
         tracker.session.begin_request()
         return original(self, *args, **kwargs)
 

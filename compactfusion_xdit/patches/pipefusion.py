@@ -34,6 +34,12 @@ message is one fixed-size tensor whatever happens (a cache re-seed is a raw mess
 expect, NaN/Inf rows travel marked inside the payload), so on NCCL, which ignores tags, messages
 match in posting order, which xfuser keeps (it posts receives in send order).
 
+``--compression auto``: the stages are not in lock-step (a world collective at one stage's first
+coded message would wait for a stage that waits for this one's activations), so the lifecycle
+patch has auto agree between requests (`ResidualState.auto_between_requests`): the first request
+sends every patch-phase message raw while receivers time them, and the decision is agreed when the
+next request starts (the stage links probed point to point, `core.auto.probe_links`).
+
 Receive buffers: xfuser's raw-shaped buffers stay (the pipelines read them), and are the decode
 target; the wire buffer of a coded message is payload-sized. Sends are non-blocking: each
 handle is kept on the coordinator until it completes (gloo sends complete only once received).
@@ -117,12 +123,12 @@ class PipeFusionChannels:
     def at_message_step(self, step: int):
         """Evaluate the residual protocol at `step` (the channel's message index), then restore."""
         state = self.session.state
-        saved = state.step
+        saved = state.step, state.regime
         state.set_step(step)
         try:
             yield
         finally:
-            state.step = saved
+            state.step, state.regime = saved
 
     def kind_name(self, key: tuple, shape, dtype: torch.dtype, link: tuple, side: str) -> str:
         return self.session.state.message_kind(key, tuple(shape), dtype, link, side).value

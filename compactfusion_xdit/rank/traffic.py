@@ -86,7 +86,8 @@ def format_auto(auto: dict | None) -> list[str]:
     if auto is None:
         return []
     if not auto:
-        return ["auto: not decided yet (the links are measured during the warm-up steps)"]
+        return ["auto: not decided yet (the links are measured during the warm-up steps; with PipeFusion or "
+                "step parallelism this request ran raw and the next one is coded with the decision)"]
     return [f"auto {path}: link {r['link_MBps']:.1f} MB/s -> {r['codec']} (expected {r['expected_ms']:.2f} ms/step; "
             + ", ".join(f"{n} {ms:.2f}" for n, ms in r["candidates"].items()) + ")"
             for path, r in sorted(auto.items())]

@@ -39,6 +39,24 @@ def worker_runs(rank: int, world_size: int, runs: list[list[str]], ports: list[i
     return outs
 
 
+def worker_served_in_turn(rank: int, world_size: int, runs: list[tuple[list[str], str]], ports: list[int]) -> list:
+    """Per (argv, fake auto link rate, "" for none) one worker launch on its own master port, serving
+    every ``--prompt`` of argv as a request. Returns per launch the output rank's latents and the
+    stats of each request, and this rank's ``--compression auto`` decision (None without auto)."""
+    from compactfusion_xdit import envs, patches
+    from compactfusion_xdit.rank import requests, worker
+
+    out = []
+    for (argv, rate), port in zip(runs, ports):
+        os.environ["MASTER_PORT"], os.environ[envs.AUTO_LINK_MBPS] = str(port), rate
+        results = worker.serve(worker.parse_args(argv), requests.listed_requests(argv, None))
+        session = patches.session()
+        auto = session.state.auto if session is not None else None
+        out.append({"latents": [r.output.float() if r.is_output_rank else None for r in results],
+                    "stats": [r.stats for r in results], "decision": auto.decision if auto is not None else None})
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def xfuser_command() -> tuple[str, ...]:
     """The ``xfuser`` console script when it runs this package (the one imported here), else

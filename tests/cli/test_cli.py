@@ -49,9 +49,6 @@ def test_a_mistyped_flag_is_refused_with_the_closest_flag(model_cache):
 @pytest.mark.parametrize("flags, message", [
     (["--use_cfg_parallel"], "Flux has no classifier-free guidance branch to split; drop --use_cfg_parallel"),
     (["--output_type", "np"], "--output_type 'np' is not supported; use pil or latent"),
-    (["--pipefusion_parallel_degree", "2", "--compression", "auto"],
-     "--compression auto does not support PipeFusion (--pipefusion_parallel_degree > 1) yet; name a codec, "
-     "e.g. --compression residual-int4"),
     (["--pipefusion_parallel_degree", "2", "--num_pipeline_patch", "1"],
      "--num_pipeline_patch 1 is smaller than --pipefusion_parallel_degree 2; use at least one patch per stage"),
 ])

@@ -53,6 +53,15 @@ def test_the_flags_build_an_auto_config_and_the_dry_run_says_it_decides_at_run_t
         cli_args.compression_config(_namespace(["--compression", "auto", "--compression-warmup", "0"]))
 
 
+@pytest.mark.parametrize("layout", [["--pipefusion_parallel_degree", "2"], ["--step_parallel_degree", "2"]])
+def test_pipefusion_and_step_parallelism_take_auto_and_the_dry_run_says_when_it_agrees(layout):
+    report = dry_run.report(["--model", "tiny-flux", *layout, "--compression", "auto"])
+    assert ("  auto         decides at run time: per path, the link and codec costs measured in the first request "
+            "(sent raw), agreed at the start of the next, candidates none .. residual-int2") in report
+    lockstep = dry_run.report(["--model", "tiny-flux", "--ulysses_degree", "2", "--compression", "auto"])
+    assert "measured in the warm-up, agreed at the first coded step" in lockstep
+
+
 def test_yaml_compression_codec_auto(tmp_path):
     path = tmp_path / "auto.yaml"
     path.write_text("compression: {codec: auto, auto_floor: residual-1bit, auto_every: 2}\n")
@@ -119,6 +128,38 @@ def test_the_decision_holds_until_the_shape_changes_or_every_n_requests(monkeypa
         request(every, None)
         every.begin_request()  # the pipeline's own begin, nested in the request: not counted
     assert every.auto.decisions == 3  # requests 1, 3, 5
+
+
+def test_between_requests_a_raw_request_measures_and_the_next_start_agrees(monkeypatch):
+    """The PipeFusion / step-parallel flow in one process (no collective): nothing is agreed inside
+    a request, every message of the measured request is raw, the next request's start agrees."""
+    monkeypatch.setenv(auto.FAKE_RATE_ENV, SLOW)
+    state = ResidualState(CompressionConfig.parse("auto"))
+    state.auto_between_requests()
+    key, shape, size = ("pipefusion", "latent", 0), (8, 16), (64, 64, 4)
+
+    def request(shape_of_request, measure=True):
+        state.begin_request(shape_of_request)  # the request loop's begin
+        state.begin_request()  # the pipeline's own, nested: never agrees (no step since the last begin)
+        kinds = []
+        for step in range(3):
+            state.set_step(step)
+            kinds.append(state.message_kind(key, shape, torch.float32))
+            start = state.auto_clock()
+            if measure and start is not None:
+                state.auto_observe("pipefusion", 512, start, torch.randn(8, 16), link=(0, 1))
+        return kinds
+
+    assert request(size) == [MessageKind.RAW] * 3 and state.auto.pending  # past the warm-up too
+    assert request(size) == [MessageKind.SEED, MessageKind.CODED, MessageKind.CODED]  # agreed at its start
+    assert state.auto.decision == {"pipefusion": "residual-int2"} and state.auto.decisions == 1
+    assert state.auto_clock() is None
+    # a new shape: that request measures (raw), the next agrees again
+    assert request((32, 32, 4)) == [MessageKind.RAW] * 3 and state.auto.pending
+    state.begin_request((64, 64, 4))  # and another shape before any agreement: measured for nothing
+    assert state.auto.pending
+    assert request((64, 64, 4)) == [MessageKind.RAW] * 3
+    assert request((64, 64, 4))[-1] is MessageKind.CODED and state.auto.decisions == 2
 
 
 # ----- several gloo ranks: the decision is agreed -------------------------------------------------

@@ -9,6 +9,8 @@
   ``pipe()`` call); every rank ends with rank 0's latents.
 * ``--compression residual-int4``: the ``step`` byte counts follow the payload arithmetic exactly,
   and the PSNR stays within a measured margin of the uncompressed twin.
+* ``--compression auto`` (toy loop; slow: through the worker): the first request runs raw, the ranks
+  agree when the next starts, and from then on the output equals the chosen codec's bitwise.
 
 PSNR is against the single-process latents with peak = max - min of the reference.
 """
@@ -172,6 +174,81 @@ def test_toy_loop_follows_the_parastep_recurrence_bitwise(world_size, degree, st
     if world_size == 3:
         assert [c["evaluated"] for _, _, c, _ in results] == [2 + 3, 2 + 2, 2 + 2]
         assert results[0][2]["predicted"] == 4 and results[1][2]["reused"] == 2 + 2 + 1
+
+
+def toy_auto_run(rank: int, world_size: int, steps: int, warmup: int, floor: str, rates: list[str]):
+    """Per fake link rate: three requests with ``--compression auto`` (the session begun before
+    each, as the request loop does), then three with the codec auto chose; and one without
+    compression. Returns the latents, decisions, reports, step stats and cache check."""
+    from compactfusion_xdit import envs
+    from compactfusion_xdit.core.config import CompressionConfig
+    from compactfusion_xdit.core.session import CompressionSession
+
+    def requests(session):
+        pipe = ToyPipeline()
+        mode = StepParallel(world_size, warmup, session=session)
+        mode.install(pipe)
+        outs = []
+        for _ in range(3):
+            if session is not None:
+                session.begin_request()
+            outs.append(pipe(steps))
+        mode.uninstall()
+        return outs
+
+    out = {"plain": requests(None)[0]}
+    for rate in rates:
+        os.environ[envs.AUTO_LINK_MBPS] = rate
+        session = CompressionSession(CompressionConfig.parse("auto", auto_floor=floor))
+        latents = requests(session)
+        chosen = session.state.auto.decision["step"]
+        fixed = CompressionSession(chosen)
+        out[rate] = dict(latents=latents, decision=session.state.auto.decision, report=session.stats()["auto"],
+                         stats=session.stats()["paths"]["step"], mismatches=session.check_caches(),
+                         fixed=requests(fixed), fixed_stats=fixed.stats()["paths"]["step"])
+    return out
+
+
+def test_auto_agrees_between_requests_and_codes_like_the_codec_it_chose():
+    """2 ranks, 9 steps, warm-up 2: the first request measures (raw: the uncompressed latents
+    bitwise), the ranks agree when the second starts, and from then on each request equals the run
+    with the chosen codec bitwise: the floor on a slow link, none on a fast one."""
+    slow, fast = "0.001", "1e9"  # MB/s
+    results = run_ranks(f"{HERE}:toy_auto_run", 2, {"steps": 9, "warmup": 2, "floor": "residual-int4",
+                                                   "rates": [slow, fast]}, timeout=60)
+    for rate, chosen in ((slow, "residual-int4"), (fast, "none")):
+        runs = [r[rate] for r in results]
+        assert [r["decision"] for r in runs] == [{"step": chosen}] * 2 and runs[0]["report"] == runs[1]["report"]
+        for rank, r in enumerate(runs):
+            first, *decided = r["latents"]
+            assert torch.equal(first, results[rank]["plain"]), f"rank {rank}"
+            assert all(torch.equal(x, y) for x, y in zip(decided, r["fixed"][1:])), f"rank {rank}"
+            assert r["mismatches"] == []
+        coded = runs[1]["stats"]["coded_messages"]  # rank 1's predictions: 2 coded per decided request
+        assert coded == (4 if chosen != "none" else 0) and runs[1]["fixed_stats"]["coded_messages"] == 3 * coded // 2
+    assert not torch.equal(results[0][slow]["latents"][1], results[0]["plain"])  # coded for real
+
+
+@pytest.mark.slow  # two worker launches on 2 ranks (12 s here)
+def test_auto_through_the_worker_codes_the_second_request_like_the_chosen_codec():
+    """``xfuser``'s rank code, step degree 2, two requests per launch, a slow fake link: the first
+    request raw, the second agreed (the floor) at its start and equal to the fixed floor's run."""
+    from compactfusion_xdit.cli.ports import free_port
+
+    base = ["--model", "tiny-flux", "--height", "64", "--width", "64", "--num_inference_steps", str(STEPS),
+            "--prompt", "a cat", "--prompt", "a cat", "--max_sequence_length", "16", "--seed", "42",
+            "--output_type", "latent", "--step_parallel_degree", "2", "--step_parallel_warmup", "1",
+            "--compression-check"]
+    runs = [(base + ["--compression", "auto"], "0.001"), (base + ["--compression", "residual-int2"], "")]
+    per_rank = run_ranks("compactfusion_xdit.testing.targets:worker_served_in_turn", 2,
+                         {"runs": runs, "ports": [free_port() for _ in runs]}, timeout=TIMEOUT, init_process_group=False)
+    auto_run, fixed = per_rank[-1]
+    assert [r[0]["decision"] for r in per_rank] == [{"step": "residual-int2"}] * 2
+    first, second = auto_run["stats"]
+    assert first["sent_bytes"] == first["raw_bytes"] and second["sent_bytes"] < second["raw_bytes"]
+    assert second["auto"]["step"]["codec"] == "residual-int2" and second["cache_consistent"] is True
+    assert not torch.equal(auto_run["latents"][0], fixed["latents"][1])  # raw, then coded
+    assert torch.equal(auto_run["latents"][1], fixed["latents"][1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ The reference of each compressed run is the uncompressed PipeFusion run (stock x
 compression patch), compared by the PSNR of the final latents (peak = the reference's value range): a correctness bound on
 tiny-flux, and residual against plain int4 on the trained digits-flux (20 steps), whose sharp
 attention lets the codecs differ.
+``--compression auto`` runs in the same launch: two requests on one session each, the link faked
+slow and fast (``CFX_AUTO_LINK_MBPS``); the first request is raw, the second uses what the stages
+agreed when it started.
 A second launch drives xfuser's ``PipelineGroupCoordinator`` directly (no model) through every
 entry point, skip tensors included, and through the raw fallbacks.
 
@@ -34,6 +37,8 @@ PATCHES = 2
 TIMEOUT = 150.0
 FLAGS = ["--pipefusion_parallel_degree", "2", "--num_pipeline_patch", str(PATCHES), "--warmup_steps", str(WARMUP_STEPS)]
 RAW_PATCHED = "raw-through-patch"  # the compression patch applied with a `none` session: raw payloads
+SLOW_LINK, FAST_LINK = "0.001", "1e9"  # MB/s, for `auto@RATE` variants (CFX_AUTO_LINK_MBPS)
+SERVED_IN_TURN = "compactfusion_xdit.testing.targets:worker_served_in_turn"
 
 
 def argv_for(model: str, size: tuple[int, int], steps: int = STEPS, prompt: str = "a cat") -> list[str]:
@@ -46,9 +51,11 @@ def runs_in_turn(rank: int, world_size: int, model: str, variants: list[tuple[st
                  steps: int = STEPS, prompt: str = "a cat"):
     """Rank target: one loaded pipeline, one request per (compression, (height, width)). Before
     each request the patches are installed for that compression (``RAW_PATCHED``: stock install
-    plus this module's patch with a ``none`` session). Returns per request the last rank's latents
-    and every rank's PipeFusion byte counts, message log and cache check."""
-    from compactfusion_xdit import patches
+    plus this module's patch with a ``none`` session; ``auto@RATE``: auto with the cache check on
+    and the link faked at RATE MB/s; a variant repeating the one before runs on the same session).
+    Returns per request the last rank's latents and every rank's PipeFusion byte counts, message
+    log and cache check (with auto: every message's, and the decision)."""
+    from compactfusion_xdit import envs, patches
     from compactfusion_xdit.rank import worker
     from compactfusion_xdit.core.config import CompressionConfig
     from compactfusion_xdit.patches import pipefusion
@@ -58,14 +65,20 @@ def runs_in_turn(rank: int, world_size: int, model: str, variants: list[tuple[st
     args = worker.parse_args(argv_for(model, variants[0][1], steps, prompt))
     loaded = worker.load_pipeline(args)
     results = []
+    previous = None
     for compression, (height, width) in variants:
         extra = AttributePatcher()
+        name, _, rate = compression.partition("@")
+        if compression != previous:
+            patches.uninstall()
+        previous = compression
         if compression == RAW_PATCHED:
             patches.install(CompressionConfig.parse("none"))
             session = CompressionSession("none")
             pipefusion.apply(extra, session)
         else:
-            patches.install(CompressionConfig.parse(compression))
+            os.environ[envs.AUTO_LINK_MBPS] = rate
+            patches.install(CompressionConfig.parse(name, check=bool(rate)))
             session = patches.session()
         try:
             out = worker.call_pipeline(loaded, args, height=height, width=width)
@@ -73,9 +86,13 @@ def runs_in_turn(rank: int, world_size: int, model: str, variants: list[tuple[st
             extra.restore()
         result = {"latents": out.images.float() if rank == world_size - 1 else None}
         if session is not None:
+            checked = session.lifecycle.check_caches() if rate else session.check_caches(None)
             result.update(stats=session.stats()["paths"].get("pipefusion"), messages=list(session.pipefusion.messages),
-                          mismatches=session.check_caches(None),
+                          mismatches=checked,
                           caches=sorted(side + repr(key[1:]) for side, key in session.state.cache_digests()))
+            if rate:
+                result.update(decision=session.state.auto.decision, report=session.stats()["auto"],
+                              decisions=session.state.auto.decisions)
         results.append(result)
     return results
 
@@ -139,8 +156,11 @@ def sent_nbytes(sends: list[tuple]) -> int:
 # --------------------------------------------------------------------------------------------
 
 SQUARE, WIDE = (64, 64), (48, 80)
+AUTO_SLOW, AUTO_FAST = f"auto@{SLOW_LINK}", f"auto@{FAST_LINK}"
 VARIANTS = [("none", SQUARE), (RAW_PATCHED, SQUARE), ("residual-int4", SQUARE), ("int4", SQUARE),
-            ("none", WIDE), ("residual-int4", WIDE)]
+            ("none", WIDE), ("residual-int4", WIDE),
+            # auto: two requests on one session each (the first measures, raw; the second decided)
+            (AUTO_SLOW, SQUARE), (AUTO_SLOW, SQUARE), ("residual-int2", SQUARE), (AUTO_FAST, SQUARE), (AUTO_FAST, SQUARE)]
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +173,15 @@ def flux():
 
 @pytest.fixture(scope="module")
 def runs(flux) -> dict:
+    """Variant -> both ranks' results; a variant run twice maps to the list of its requests' results."""
     results = run_variants(flux, VARIANTS)
-    return {variant: result for variant, result in zip(VARIANTS, results)}
+    out: dict = {}
+    for variant, result in zip(VARIANTS, results):
+        if variant[0].startswith("auto@"):
+            out.setdefault(variant, []).append(result)
+        else:
+            out[variant] = result
+    return out
 
 
 def last_latents(runs, compression, size=SQUARE) -> torch.Tensor:
@@ -178,6 +205,55 @@ def test_residual_int4_stays_close_to_uncompressed_pipefusion(runs):
     # 6 steps, scripts/bench_fidelity.py --path pipefusion); fidelity is tested on digits-flux below.
     for size in (SQUARE, WIDE):
         assert psnr(last_latents(runs, "none", size), last_latents(runs, "residual-int4", size)) > 60.0
+
+
+# --compression auto: measured in the first request (raw), agreed when the second starts
+
+
+@pytest.mark.parametrize("variant, chosen", [(AUTO_SLOW, "residual-int2"), (AUTO_FAST, "none")])
+def test_auto_agrees_between_requests_and_codes_like_the_codec_it_chose(runs, variant, chosen):
+    first, second = runs[(variant, SQUARE)]
+    assert [(r["decision"], r["decisions"]) for r in first] == [(None, 0)] * 2  # nothing agreed inside a request
+    assert [(r["decision"], r["decisions"]) for r in second] == [({"pipefusion": chosen}, 1)] * 2  # every stage alike
+    assert second[0]["report"] == second[1]["report"]
+    assert all(r["mismatches"] == [] for r in first + second)  # caches and every message's checksum
+    # the first request measured: every patch-phase message raw, the latents bitwise stock
+    assert {kind for r in first for *_, kind in r["messages"]} == {"raw"}
+    assert torch.equal(first[-1]["latents"], last_latents(runs, "none"))
+    # the second codes exactly as the fixed codec it chose: same messages, same latents
+    fixed = runs[(chosen, SQUARE)] if chosen != "none" else runs[(RAW_PATCHED, SQUARE)]
+    for auto_rank, fixed_rank in zip(second, fixed):
+        assert auto_rank["messages"] == fixed_rank["messages"]
+    assert torch.equal(second[-1]["latents"], fixed[-1]["latents"])
+
+
+@pytest.mark.slow  # 4 processes, three launches through the worker (25-35 s here)
+def test_four_stages_agree_between_served_requests_through_the_worker(flux):
+    """``xfuser``'s rank code, PipeFusion degree 4, two requests per launch: auto on a slow link
+    (the first request raw = stock; every stage decides the floor when the second starts; the
+    second = the fixed floor's), cache check on every message."""
+    from compactfusion_xdit.cli.ports import free_port
+
+    size = 64
+    base = ["--model", flux, "--height", str(size), "--width", str(size), "--num_inference_steps", "5",
+            "--prompt", "a cat", "--prompt", "a cat", "--max_sequence_length", "16", "--seed", "42",
+            "--output_type", "latent", "--pipefusion_parallel_degree", "4", "--num_pipeline_patch", "4",
+            "--warmup_steps", "1", "--compression-check"]
+    runs = [(base + ["--compression", "auto"], SLOW_LINK), (base + ["--compression", "residual-int2"], ""),
+            (base + ["--compression", "none"], "")]
+    per_rank = run_ranks(SERVED_IN_TURN, 4, {"runs": runs, "ports": [free_port() for _ in runs]},
+                         timeout=600, init_process_group=False)
+    (auto_run, fixed, stock) = per_rank[-1]
+    assert [r[0]["decision"] for r in per_rank] == [{"pipefusion": "residual-int2"}] * 4
+    first, second = auto_run["stats"]
+    assert "auto" not in first or not first["auto"]  # nothing agreed during the first request
+    assert second["auto"]["pipefusion"]["codec"] == "residual-int2"
+    assert first["sent_bytes"] == first["raw_bytes"] and second["sent_bytes"] < second["raw_bytes"]
+    assert all(s["cache_consistent"] is not False for s in auto_run["stats"] + fixed["stats"])
+    assert second["cache_consistent"] is True
+    assert torch.equal(auto_run["latents"][0], stock["latents"][0])
+    assert torch.equal(auto_run["latents"][1], fixed["latents"][1])
+    assert torch.equal(fixed["latents"][0], fixed["latents"][1])  # caches start empty per request
 
 
 # Fidelity on the trained digits-flux: "digit 3", seed 42, 16x16, 20 steps (1 synchronous), 2 patches.
