@@ -193,7 +193,7 @@ def markdown(result: dict) -> str:
                     continue
                 any_row = r
                 sp = r.get("speedup_vs_none")
-                chose = "" if not r.get("auto") else " " + "/".join(sorted(set(r["auto"].values())))
+                chose = "" if not r.get("auto") else " " + "/".join(sorted({a.get("codec") for a in r["auto"].values()}))
                 cells.append(f"{r['latency_s']:.2f}" + ("" if codec == "none" or sp is None else f" ({sp:.2f}x)") + chose)
                 if codec == "none" and r.get("comm_share_none") is not None:
                     shares.setdefault(method, []).append(f"{rate} {100 * r['comm_share_none']:.0f} %")

@@ -123,8 +123,8 @@ def _one_run(argv: list[str], spec: dict, first_phase: int):
             if i == 1 or spec["requests"] == 0:
                 traffic = {k: counted[k] for k in ("raw_bytes", "sent_bytes", "paths")}
                 auto = session.stats().get("auto") if session is not None else None
-                if auto:  # --compression auto: what it chose per path on this link
-                    traffic["auto"] = {path: r.get("codec") for path, r in auto.items()}
+                if auto:  # --compression auto: what it measured and chose per path on this link
+                    traffic["auto"] = auto
                 if phase == first_phase:
                     image = _image_array(out)
         record["phases"].append({"warmup_s": latencies[0], "latencies_s": latencies[1:], **traffic})

@@ -88,6 +88,14 @@ def test_decide_takes_the_slowest_rank_and_prefers_none_on_ties():
     assert auto.decide([{"measured": {"ring": _view(1.0, 10, free)}}], names)[0] == {"ring": "none"}
 
 
+def test_a_codec_that_saves_less_than_the_margin_loses_to_none():
+    names = ("none", "residual-int4")
+    # none: 1 MB at 1 MB/s = 1 s; int4: 0.5 s of transfer + coding that leaves it just under or over the margin
+    for coding, expected in ((1.0 - auto.CODING_MARGIN - 0.5 + 0.01, "none"), (0.2, "residual-int4")):
+        costs = {"none": (1.0, 0.0), "residual-int4": (0.5, coding / 1e6)}
+        assert auto.decide([{"measured": {"ulysses": _view(1.0, 1e6, costs)}}], names)[0] == {"ulysses": expected}
+
+
 def test_one_process_measures_in_the_warmup_then_codes_with_the_floor(monkeypatch):
     monkeypatch.setenv(auto.FAKE_RATE_ENV, SLOW)
     state = ResidualState(CompressionConfig.parse("auto", auto_floor="residual-int4"))
