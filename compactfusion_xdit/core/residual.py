@@ -130,9 +130,10 @@ class ResidualState:
         #: Bumped whenever a cache entry is added, replaced or dropped (not when a cache's values
         #: change in place): a communicator may keep what it looked up while it is unchanged.
         self.generation = 0
-        #: What the step rules depend on at the current step: the step itself under a schedule or
-        #: auto, else only whether it is a warm-up step. Message kinds and codec choices are the
-        #: same at two steps of one regime (and one `generation`), so a communicator memoises them.
+        #: What the step rules depend on at the current step: the step itself under a schedule,
+        #: else only whether it is a warm-up step (auto's decision changes `generation`). Message
+        #: kinds and codec choices are the same at two steps of one regime (and one `generation`),
+        #: so a communicator memoises them.
         self.regime: Any = True
         # --- auto (core/auto.py): the per-path decision, None unless the config names auto
         self.auto = None
@@ -442,7 +443,7 @@ class ResidualState:
 
     # ----- internals --------------------------------------------------------------------------
     def _regime(self, step: int) -> Any:
-        return step if self.config.schedule or self.auto is not None else step < self.config.warmup
+        return step if self.config.schedule else step < self.config.warmup
 
     def _side(self, side: str) -> dict:
         if side == "send":

@@ -55,6 +55,10 @@ class UNetPatchParallel(PatchParallel):
     def __init__(self, degree: int, mode: str = "displaced", warmup: int = 1, group: Any = None,
                  session: Any = None) -> None:
         super().__init__(degree, mode, warmup, group, session)
+        if session is not None and mode == "displaced":
+            # the whole warm-up steps exchange nothing for --compression auto to time: it measures
+            # a raw request instead and agrees at the next request's start
+            session.state.auto_between_requests()
         glob = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
         #: global ranks of the bands above and below (None at the image edges)
         self.above = glob(self.rank - 1) if self.rank > 0 else None
@@ -207,13 +211,12 @@ class UNetPatchParallel(PatchParallel):
         mean = means.mean(0)
         return mean, (variances + (means - mean).square()).mean(0)
 
-    def whole_norm(self, x: torch.Tensor, groups: int) -> None:
-        """A GroupNorm of a whole step (`x`: the whole image): numbered like `norm_stats`, and on the
-        last warm-up step every band's moments are kept as the gathered statistics."""
+    def whole_norm(self, band_moments) -> None:
+        """A GroupNorm of a whole step: numbered like `norm_stats`, and on the last warm-up step
+        `band_moments()` (every band's ``(B, G, 2)`` statistics, stacked ``(P, B, G, 2)``) is kept as
+        the gathered statistics."""
         self.norm += 1
-        bands = x.shape[2] // self.degree
-        self._keep(("norm", self.norm),
-                   lambda: torch.stack([group_moments(band, groups) for band in x.split(bands, dim=2)]))
+        self._keep(("norm", self.norm), band_moments)
 
     def _gather_raw(self, x: torch.Tensor) -> Pending:
         """Asynchronous raw all-gather of `x` (counted as raw ``patch`` traffic); ``wait()`` gives
@@ -227,9 +230,3 @@ class UNetPatchParallel(PatchParallel):
             nbytes = (self.degree - 1) * x.numel() * x.element_size()
             self.session.state.record(PATH, MessageKind.RAW, nbytes, nbytes, self.degree - 1)
         return Pending([work], lambda: out, keep=x)
-
-
-def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(B, G, 2)`` fp32 [mean, variance] of `x` (B, C, ...) per (sample, channel group)."""
-    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1).float(), dim=-1, correction=0)
-    return torch.stack([mean, var], dim=-1)

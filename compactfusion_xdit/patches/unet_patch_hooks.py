@@ -40,7 +40,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from compactfusion_xdit.modes.unet_patch_parallel import group_moments
 from compactfusion_xdit.patches.patch_mode_hooks import (Handle, _hook_attention_modules, _Mark, _wrap_kernels,
                                                           _wrap_set_timesteps)
 
@@ -125,7 +124,8 @@ def _norm_forward(norm: torch.nn.GroupNorm, mode: Any):
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if mode.whole_now:
-            mode.whole_norm(x, groups)
+            mode.whole_norm(lambda: torch.stack([group_moments(band, groups)
+                                                 for band in x.split(x.shape[2] // mode.degree, dim=2)]))
             return type(norm).forward(norm, x)
         b, c = x.shape[:2]
         mean, var = mode.norm_stats(group_moments(x, groups))
@@ -138,6 +138,12 @@ def _norm_forward(norm: torch.nn.GroupNorm, mode: Any):
         return torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))
 
     return forward
+
+
+def group_moments(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B, G, 2)`` fp32 [mean, variance] of `x` (B, C, ...) per (sample, channel group)."""
+    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1).float(), dim=-1, correction=0)
+    return torch.stack([mean, var], dim=-1)
 
 
 def _cfg_group() -> tuple[Any, int, int]:

@@ -44,9 +44,10 @@ VARIANTS = [
     ("displaced-full-warmup", "square", "displaced", STEPS, None),
     ("displaced-w1", "square", "displaced", 1, None),
     *[(f"displaced-w1-{c}", "square", "displaced", 1, c) for c in CODECS],
+    ("displaced-w1-auto", "square", "displaced", 1, "auto"),  # 2 requests, a faked slow link (`runs2`)
 ]
 #: The slow 4-band launch (and sync mode compressed, which CI covers for DiTs).
-VARIANTS_4 = [*(v for v in VARIANTS if v[0] != "displaced-w1-residual-int2"),
+VARIANTS_4 = [*(v for v in VARIANTS if v[0] not in ("displaced-w1-residual-int2", "displaced-w1-auto")),
               ("sync-residual-int4", "square", "sync", 1, "residual-int4")]
 
 
@@ -80,14 +81,18 @@ def variants(rank: int, world_size: int, variant_list: list, plain_sd: bool = Fa
     for name, size, mode, warmup, codec in variant_list:
         session = CompressionSession(codec) if codec else None
         handle = install_on(pipe, UNetPatchParallel(world_size, mode, warmup, None, session))
+        if codec == "auto":  # the first request is sent raw and timed; the ranks agree at the second's start
+            out[f"{name}-first"] = generate(pipe, size)
+            session.begin_request()
         entry = out[name] = {"latents": generate(pipe, size), "counts": dict(handle.mode.counts)}
         if session is not None:
             m = handle.mode
             shapes = [*m.kv_shapes, *(s for pair in m.halo_shapes for s in pair if s)]
             entry.update(stats=session.stats()["paths"]["patch"], kv_shapes=m.kv_shapes, halo_shapes=m.halo_shapes,
                          stats_nbytes=m.stats_nbytes, out_nbytes=m.output_nbytes,
-                         wire={tuple(s): session.state.wire_nbytes(tuple(s), torch.float32) for s in shapes},
-                         cache_mismatches=session.check_caches())
+                         wire={} if codec == "auto" else {tuple(s): session.state.wire_nbytes(tuple(s), torch.float32)
+                                                          for s in shapes},
+                         cache_mismatches=session.check_caches(), auto=session.stats().get("auto"))
         if name == variant_list[-1][0]:
             out["again"] = generate(pipe, size)  # in-flight exchanges, caches and counters reset
         handle.uninstall()
@@ -109,8 +114,12 @@ def variants(rank: int, world_size: int, variant_list: list, plain_sd: bool = Fa
 
 @pytest.fixture(scope="module")
 def runs2() -> list[dict]:
-    """One 2-rank launch for every variant (the imports dominate a launch)."""
-    return run_ranks(f"{HERE}:variants", 2, {"variant_list": VARIANTS, "plain_sd": True}, timeout=TIMEOUT)
+    """One 2-rank launch for every variant (the imports dominate a launch); auto sees a 1 MB/s link."""
+    from compactfusion_xdit.core import auto
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(auto.FAKE_RATE_ENV, "1")
+        return run_ranks(f"{HERE}:variants", 2, {"variant_list": VARIANTS, "plain_sd": True}, timeout=TIMEOUT)
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -230,6 +239,15 @@ def test_compressed_displaced_stays_within_a_psnr_margin_of_its_uncompressed_twi
     compressed = runs2[0][f"displaced-w1-{codec}"]["latents"]
     assert not torch.equal(compressed, runs2[0]["displaced-w1"]["latents"])  # the payloads really were lossy
     assert psnr(reference, compressed) >= twin - DISPLACED_PSNR_MARGIN[codec]
+
+
+def test_auto_times_a_raw_first_request_then_codes_with_the_floor_like_the_fixed_codec(runs2):
+    for r in runs2:  # the whole warm-up exchanges nothing: auto measures the first request, sent raw
+        assert torch.equal(r["displaced-w1-auto-first"], r["displaced-w1"]["latents"])
+        run = r["displaced-w1-auto"]
+        assert run["auto"]["patch"]["codec"] == "residual-int2" and run["auto"] == runs2[0]["displaced-w1-auto"]["auto"]
+        assert torch.equal(run["latents"], r["displaced-w1-residual-int2"]["latents"])
+        assert run["cache_mismatches"] == []
 
 
 def test_a_second_request_repeats_the_first_and_uninstall_leaves_no_trace(runs2):
