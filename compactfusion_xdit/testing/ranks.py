@@ -154,3 +154,9 @@ def _main(spec_path: str, out_path: str) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1], sys.argv[2])
+    # The result is saved and the groups are down: skip the interpreter's teardown, where a native
+    # thread left behind (gloo, xfuser) once aborted a finished rank in CI ("terminate called
+    # without an active exception", exit -6), failing a test whose ranks had all succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
