@@ -280,21 +280,10 @@ def probe_link(path: str, group: Any, nbytes: int, device=None, repeats: int = P
     for per_peer in (PROBE_TINY_BYTES, max(nbytes // (world - 1), PROBE_TINY_BYTES + 1)):
         send = torch.zeros(world * per_peer, dtype=torch.uint8, device=device)
         recv = torch.empty_like(send)
-        best = float("inf")
-        for _ in range(repeats):
-            dist.barrier(group=group)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            dist.all_to_all_single(recv, send, group=group)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
+        best = _fastest(lambda: dist.all_to_all_single(recv, send, group=group), group, device, repeats)
         sent = (world - 1) * per_peer
         timed.append((sent, link_seconds(path, sent, best)))
-    (n0, t0), (n1, t1) = timed
-    per_byte = max((t1 - t0) / (n1 - n0), 0.0)
-    return max(t0 - per_byte * n0, 0.0), per_byte
+    return _line(timed)
 
 
 def probe_links(path: str, links: list[tuple[int, int]], nbytes: int, me: int,
@@ -315,24 +304,39 @@ def probe_links(path: str, links: list[tuple[int, int]], nbytes: int, me: int,
     for size in (PROBE_TINY_BYTES, max(nbytes, PROBE_TINY_BYTES + 1)):
         send = torch.zeros(size, dtype=torch.uint8, device=device)
         recvs = [torch.empty_like(send) for _ in peers_in]
-        best = float("inf")
-        for _ in range(repeats):
-            dist.barrier()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
+
+        def round_trip():
             if peers_out or peers_in:
                 sent, received = p2p.post(dist.group.WORLD, sends=[(send, dst, PROBE_TAG) for dst in peers_out],
                                           recvs=[(buf, src, PROBE_TAG) for buf, src in zip(recvs, peers_in)])
                 sent.wait()
                 received.wait()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
+
+        best = _fastest(round_trip, None, device, repeats)  # a rank in no link still joins the barriers
         moved = size * max(len(peers_out), len(peers_in))
         timed.append((moved, link_seconds(path, moved, best) if moved else 0.0))
-    if not (peers_out or peers_in):
-        return None
+    return _line(timed) if peers_out or peers_in else None
+
+
+def _fastest(run, group: Any, device: torch.device, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of `run()`, each right after a barrier of `group`."""
+    import torch.distributed as dist
+
+    best = float("inf")
+    for _ in range(repeats):
+        dist.barrier(group=group)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _line(timed: list[tuple[int, float]]) -> tuple[float, float]:
+    """(latency s, s per byte) through a small and a large message's (bytes, seconds)."""
     (n0, t0), (n1, t1) = timed
     per_byte = max((t1 - t0) / (n1 - n0), 0.0)
     return max(t0 - per_byte * n0, 0.0), per_byte

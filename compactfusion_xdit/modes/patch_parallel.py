@@ -185,8 +185,7 @@ class PatchParallel:
         step's result is kept for the first displaced step. `what` names the exchange in errors."""
         if not self.displaced_now:
             result = launch().wait()
-            if self.mode == "displaced" and self.step + 1 == self.warmup:
-                self._stale[slot] = result
+            self._keep(slot, lambda: result)
             return result
         pending = self._pending.pop(slot, None)
         result = pending.wait() if pending is not None else self._stale.pop(slot, None)
@@ -196,6 +195,12 @@ class PatchParallel:
         if self.total == 0 or self.step + 1 < self.total:
             self._pending[slot] = launch()
         return result
+
+    def _keep(self, slot: tuple, make) -> None:
+        """On the last warm-up step of displaced mode, keep `make()` as `slot`'s result for the first
+        displaced step."""
+        if self.mode == "displaced" and self.step + 1 == self.warmup:
+            self._stale[slot] = make()
 
     def _launch(self, slot: tuple, image: torch.Tensor) -> Pending:
         """Asynchronous all-gather of `image`; ``wait()`` gives ``(P, *image.shape)``."""

@@ -92,14 +92,6 @@ class UNetPatchParallel(PatchParallel):
         """A displaced-mode warm-up step: every rank runs the whole latent through the stock layers."""
         return self.mode == "displaced" and self.step < self.warmup
 
-    def _keep(self, slot: tuple, make) -> None:
-        """On the last whole warm-up step, keep `make()` as `slot`'s previous-step exchange result."""
-        if self.step + 1 == self.warmup:
-            self._stale[slot] = make()
-
-    def _band(self, height: int) -> tuple[int, int]:
-        share = height // self.degree
-        return self.rank * share, (self.rank + 1) * share
 
     def band_rows(self, height: int, multiple: int, pixels_per_row: int = 1) -> None:
         """Refuse a latent `height` whose bands would not stay aligned through the UNet's `multiple`
@@ -153,7 +145,7 @@ class UNetPatchParallel(PatchParallel):
         """A convolution of a whole step (`x`: the whole image): numbered like `halo`, and on the last
         warm-up step the rows `halo` would receive next step are kept, channels-last."""
         self.conv += 1
-        lo, hi = self._band(x.shape[2])
+        lo, hi = self.local_range(x.shape[2])
 
         def rows():
             above = x[:, :, lo - top:lo] if self.above is not None and top else None
