@@ -87,13 +87,19 @@ def status() -> str:
 # ---- tensor-level API (payload tensors in wire order) ----------------------------------------
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a contiguous CPU tensor; 16-bit floats as their uint16 bits."""
+    """A numpy view of a contiguous CPU tensor; 16-bit floats as their bits (uint16)."""
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.view(torch.uint16)
     try:
         return t.numpy()
     except RuntimeError:  # a tensor that requires grad
         return t.detach().numpy()
+
+
+def _np_values(t: torch.Tensor) -> np.ndarray:
+    """_np of a tensor of values (x, a cache, an output): bfloat16 as int16 bits, which the kernels
+    tell apart from float16's uint16 by type."""
+    return _np(t.view(torch.int16) if t.dtype is torch.bfloat16 else t)
 
 
 def _compiled():
@@ -122,20 +128,19 @@ def _encode(codec_name, x, base, error_feedback):
     residual = base is not None
     work = x if not residual else base if base.is_contiguous() else base.contiguous()
     N, C = x.shape
-    kind = _KIND[x.dtype]
-    xn, bn = _np(x), _np(work)
+    xn, bn = _np_values(x), _np_values(work)
     if codec_name == "1bit":
         data = np.empty((N, -(-C // 8)), np.uint8)
         m = np.empty(C, np.uint16)
         t = np.empty(N, np.uint16)
-        K.onebit_encode(xn, bn, data, m, t, kind, residual, bool(error_feedback))
+        K.onebit_encode(xn, bn, data, m, t, residual, bool(error_feedback))
         tensors = (torch.from_numpy(data), torch.from_numpy(m).view(torch.bfloat16),
                    torch.from_numpy(t).view(torch.bfloat16))
     else:
         bits = _BITS[codec_name]
         data = np.empty((N, -(-C // (8 // bits))), np.uint8)
         s = np.empty(N, np.uint16)
-        K.row_encode(xn, bn, data, s, kind, bits, residual, bool(error_feedback))
+        K.row_encode(xn, bn, data, s, bits, residual, bool(error_feedback))
         tensors = (torch.from_numpy(data), torch.from_numpy(s).view(torch.bfloat16))
     if residual and work is not base:
         base.copy_(work)
@@ -158,11 +163,10 @@ def decode_tensors(codec_name, tensors, shape, dtype, base=None):
         if tuple(base.shape) != shape:
             raise ValueError(f"base shape {tuple(base.shape)} does not match the payload's {shape}")
         work = base if base.is_contiguous() else base.contiguous()
-    kind = _KIND[work.dtype]
     if codec_name == "1bit":
-        K.onebit_decode(parts[0], parts[1], parts[2], _np(work), kind, base is not None)
+        K.onebit_decode(parts[0], parts[1], parts[2], _np_values(work), base is not None)
     else:
-        K.row_decode(parts[0], parts[1], _np(work), kind, _BITS[codec_name], base is not None)
+        K.row_decode(parts[0], parts[1], _np_values(work), _BITS[codec_name], base is not None)
     if base is None:
         return work
     if work is not base:

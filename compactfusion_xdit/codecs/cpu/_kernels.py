@@ -7,8 +7,9 @@ sneaks into the arithmetic (a float32 op with a Python float would be done in fl
 float64 values are the accumulators of the sums (int2's mean |r|, 1bit's means), which the format
 allows to be summed in any order (a documented bound, not bits).
 
-16-bit tensors arrive as uint16 arrays (numba has no float16/bfloat16 on the CPU) with `kind`
-saying which: 0 float32, 1 float16, 2 bfloat16. Conversions are integer bit manipulation:
+16-bit tensors arrive as their bits (numba has no float16/bfloat16 on the CPU): float16 as uint16,
+bfloat16 as int16 arrays, so that every kernel is specialised per dtype at compile time and its row
+loops carry no dtype branch. Conversions are integer bit manipulation:
 - bf16 -> f32: bits << 16 (exact); f32 -> bf16: round to nearest even, NaN -> 0xFFFF (what
   torch's vectorised CPU conversion writes; its scalar path writes 0x7FC0: both are NaN).
 - f16 -> f32: exact (normals, subnormals, inf, NaN payload kept); f32 -> f16: round to nearest
@@ -82,7 +83,7 @@ def bf16_bits(v):
 
 @njit(**_INLINE)
 def bf16_to_f32(h):
-    return f32_from_bits(np.uint32(h) << np.uint32(16))
+    return f32_from_bits(np.uint32(np.uint16(h)) << np.uint32(16))
 
 
 @njit(**_INLINE)
@@ -96,92 +97,94 @@ def bf16_round(v):
 
 @njit(**_INLINE)
 def f16_to_f32(h):
-    """float16 bits -> float32 (exact)."""
+    """float16 bits -> float32 (exact). Every case is computed and one is selected, so that row
+    loops with this conversion stay branch-free and vectorise."""
     h32 = np.uint32(h)
     sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
     em = h32 & np.uint32(0x7FFF)
-    if em >= np.uint32(0x7C00):  # inf / NaN: exponent all ones, payload shifted up
-        return f32_from_bits(sign | np.uint32(0x7F800000) | ((em & np.uint32(0x3FF)) << np.uint32(13)))
-    if em >= np.uint32(0x0400):  # normal: rebias the exponent (127 - 15 = 112)
-        return f32_from_bits(sign | ((em << np.uint32(13)) + np.uint32(0x38000000)))
+    # inf / NaN: exponent all ones, payload shifted up
+    special = sign | np.uint32(0x7F800000) | ((em & np.uint32(0x3FF)) << np.uint32(13))
+    # normal: rebias the exponent (127 - 15 = 112)
+    normal = sign | ((em << np.uint32(13)) + np.uint32(0x38000000))
     # zero / subnormal: em * 2**-24, exact in float32
-    mag = np.float32(np.int32(em)) * np.float32(5.9604644775390625e-08)
-    return f32_from_bits(sign | f32_bits(mag))
+    small = sign | f32_bits(np.float32(np.int32(em)) * np.float32(5.9604644775390625e-08))
+    u = normal if em >= np.uint32(0x0400) else small
+    u = special if em >= np.uint32(0x7C00) else u
+    return f32_from_bits(u)
 
 
 @njit(**_INLINE)
 def f16_bits(v):
-    """float32 -> float16 bits (round to nearest even; >= 65520 -> inf; NaN -> quiet NaN)."""
+    """float32 -> float16 bits (round to nearest even; >= 65520 -> inf; NaN -> quiet NaN), every
+    case computed and one selected (see f16_to_f32)."""
     u = f32_bits(v)
     sign = (u >> np.uint32(16)) & np.uint32(0x8000)
     a = u & np.uint32(0x7FFFFFFF)
-    if a > np.uint32(0x7F800000):  # NaN: keep the top payload bits, set the quiet bit
-        h = np.uint32(0x7E00) | ((a >> np.uint32(13)) & np.uint32(0x3FF))
-    elif a >= np.uint32(0x477FF000):  # >= 65520 rounds to inf (and inf itself)
-        h = np.uint32(0x7C00)
-    elif a >= np.uint32(0x38800000):  # a normal float16 (>= 2**-14)
-        h = ((a - np.uint32(0x38000000)) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
-    else:  # subnormal or zero: adding 0.5 (ulp 2**-24) rounds to a multiple of 2**-24, half to even
-        h = f32_bits(f32_from_bits(a) + F32_HALF) - np.uint32(0x3F000000)
-    return np.uint16(h | sign)
+    # NaN: keep the top payload bits, set the quiet bit
+    nan = np.uint32(0x7E00) | ((a >> np.uint32(13)) & np.uint32(0x3FF))
+    # a normal float16 (>= 2**-14); wraps harmlessly for smaller a, which the selects drop
+    normal = ((a - np.uint32(0x38000000)) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+    # subnormal or zero: adding 0.5 (ulp 2**-24) rounds to a multiple of 2**-24, half to even
+    small = f32_bits(f32_from_bits(a) + F32_HALF) - np.uint32(0x3F000000)
+    h = normal if a >= np.uint32(0x38800000) else small
+    h = np.uint32(0x7C00) if a >= np.uint32(0x477FF000) else h  # >= 65520 rounds to inf (and inf itself)
+    h = nan if a > np.uint32(0x7F800000) else h
+    return np.uint16((h | sign) & np.uint32(0xFFFF))
 
 
-# ---- row conversions ---------------------------------------------------------------------------
+# ---- element and row conversions -----------------------------------------------------------------
 
-def load_row(src, n, kind, out):
-    """out[:C] = row n of src as float32 (src float32, or uint16 bits of kind 1 fp16 / 2 bf16)."""
-
-
-def store_row(dst, n, kind, vals):
-    """Row n of dst = vals cast to dst's dtype, saturated at its largest finite value (NaN kept)."""
+def load_elem(src, n, c):
+    """src[n, c] as float32 (src float32, uint16 bits of float16 or int16 bits of bfloat16)."""
 
 
-@overload(load_row, jit_options=_JIT)
-def _load_row_impl(src, n, kind, out):
+def store_elem(dst, n, c, v):
+    """dst[n, c] = v cast to dst's dtype, saturated at its largest finite value (NaN kept)."""
+
+
+@overload(load_elem, jit_options=_JIT)
+def _load_elem_impl(src, n, c):
     if src.dtype == types.float32:
-        def load_f32(src, n, kind, out):
-            for c in range(out.shape[0]):
-                out[c] = src[n, c]
-        return load_f32
+        return lambda src, n, c: src[n, c]
 
-    def load_16(src, n, kind, out):
-        C = out.shape[0]
-        if kind == 1:
-            for c in range(C):
-                out[c] = f16_to_f32(src[n, c])
-        else:
-            for c in range(C):
-                out[c] = bf16_to_f32(src[n, c])
-    return load_16
+    if src.dtype == types.uint16:
+        return lambda src, n, c: f16_to_f32(src[n, c])
+    return lambda src, n, c: bf16_to_f32(src[n, c])
 
 
-@overload(store_row, jit_options=_JIT)
-def _store_row_impl(dst, n, kind, vals):
+@overload(store_elem, jit_options=_JIT)
+def _store_elem_impl(dst, n, c, v):
     if dst.dtype == types.float32:
-        def store_f32(dst, n, kind, vals):
-            for c in range(vals.shape[0]):
-                dst[n, c] = vals[c]
+        def store_f32(dst, n, c, v):
+            dst[n, c] = v
         return store_f32
 
-    def store_16(dst, n, kind, vals):
-        C = vals.shape[0]
-        if kind == 1:
-            for c in range(C):
-                v = vals[c]
-                if v > FP16_MAX:
-                    v = FP16_MAX
-                elif v < -FP16_MAX:
-                    v = -FP16_MAX
-                dst[n, c] = f16_bits(v)
-        else:
-            for c in range(C):
-                v = vals[c]
-                if v > BF16_MAX:
-                    v = BF16_MAX
-                elif v < -BF16_MAX:
-                    v = -BF16_MAX
-                dst[n, c] = bf16_bits(v)
-    return store_16
+    if dst.dtype == types.uint16:
+        def store_f16(dst, n, c, v):
+            v = FP16_MAX if v > FP16_MAX else v
+            v = -FP16_MAX if v < -FP16_MAX else v
+            dst[n, c] = f16_bits(v)
+        return store_f16
+
+    def store_bf16(dst, n, c, v):
+        v = BF16_MAX if v > BF16_MAX else v
+        v = -BF16_MAX if v < -BF16_MAX else v
+        dst[n, c] = np.int16(bf16_bits(v))
+    return store_bf16
+
+
+@njit(**_JIT)
+def load_row(src, n, out):
+    """out[:C] = row n of src as float32."""
+    for c in range(out.shape[0]):
+        out[c] = load_elem(src, n, c)
+
+
+@njit(**_JIT)
+def store_row(dst, n, vals):
+    """Row n of dst = vals cast to dst's dtype (store_elem)."""
+    for c in range(vals.shape[0]):
+        store_elem(dst, n, c, vals[c])
 
 
 @njit(**_JIT)
@@ -220,18 +223,10 @@ def _unpack(data, n, bits, codes):
 
 # ---- int8 / int4 / int2 --------------------------------------------------------------------------
 
-@njit(**_JIT)
-def _row_scale_absmax(r, qmax):
-    """bf16(max|r| / qmax) as float32, and its bits; a zero row keeps the sign torch gives it."""
-    C = r.shape[0]
-    amax = np.uint32(0)
-    allbits = np.uint32(0xFFFFFFFF)
-    for c in range(C):
-        u = f32_bits(r[c])
-        a = u & np.uint32(0x7FFFFFFF)  # |r| as bits: ordered like the value, NaN above inf
-        if a > amax:
-            amax = a
-        allbits &= u
+@njit(**_INLINE)
+def _absmax_scale(amax, allbits, qmax):
+    """bf16(max|r| / qmax) as float32, and its bits, from the row's max |r| as bits and the AND of
+    its bits; a zero row keeps the sign torch gives it."""
     if amax == np.uint32(0):
         # torch: maximum(max r, -min r) is max r for a zero row: -0 only if every element is -0
         if allbits & np.uint32(0x80000000):
@@ -241,43 +236,68 @@ def _row_scale_absmax(r, qmax):
     return s, bf16_bits(s)
 
 
+@njit(**_INLINE)
+def _q_absmax(rc, s, fq, lim, off):
+    """The code of rc: clamp(rint(rc / s), -qmax, qmax) + offset; NaN -> 0 (torch's uint8 cast of NaN)."""
+    v = rc / s
+    v = lim if v > lim else v  # |v| under 2**22 for the rint trick; NaN passes through
+    v = -lim if v < -lim else v
+    q = (v + RINT_MAGIC) - RINT_MAGIC
+    q = fq if q > fq else q
+    q = -fq if q < -fq else q
+    q = q if q == q else -off
+    return np.uint8(np.int32(q + off))
+
+
+@njit(**_INLINE)
+def _q_int2(rc, d):
+    """The code of rc: clamp(floor(rc / d), -2, 1) + 2; NaN -> 0."""
+    two = np.float32(2.0)
+    q = np.floor(rc / d)
+    q = F32_ONE if q > F32_ONE else q
+    q = -two if q < -two else q
+    q = q if q == q else -two
+    return np.uint8(np.int32(q + two))
+
+
+@njit(**_JIT)
+def _row_scale_absmax(r, qmax):
+    """_absmax_scale of the row r."""
+    amax = np.uint32(0)
+    allbits = np.uint32(0xFFFFFFFF)
+    for c in range(r.shape[0]):
+        u = f32_bits(r[c])
+        a = u & np.uint32(0x7FFFFFFF)  # |r| as bits: ordered like the value, NaN above inf
+        amax = a if a > amax else amax
+        allbits &= u
+    return _absmax_scale(amax, allbits, qmax)
+
+
 @njit(**_JIT)
 def _code_absmax(r, s, qmax, offset, codes):
-    """codes[c] = clamp(rint(r / s), -qmax, qmax) + offset; NaN -> 0 (torch's uint8 cast of NaN)."""
+    """codes[c] = _q_absmax(r[c]); a zero scale codes every element as 0."""
     C = r.shape[0]
-    fq = np.float32(qmax)
-    lim = np.float32(qmax + 1)
-    off = np.float32(offset)
     if s == F32_ZERO:  # an all-zero row (or a scale that underflowed): q = 0
         for c in range(C):
             codes[c] = np.uint8(offset)
         return
+    fq = np.float32(qmax)
+    lim = np.float32(qmax + 1)
+    off = np.float32(offset)
     for c in range(C):
-        v = r[c] / s
-        v = lim if v > lim else v  # |v| under 2**22 for the rint trick; NaN passes through
-        v = -lim if v < -lim else v
-        q = (v + RINT_MAGIC) - RINT_MAGIC
-        q = fq if q > fq else q
-        q = -fq if q < -fq else q
-        q = q if q == q else -off  # NaN -> code 0
-        codes[c] = np.uint8(np.int32(q + off))
+        codes[c] = _q_absmax(r[c], s, fq, lim, off)
 
 
 @njit(**_JIT)
 def _code_int2(r, d, codes):
-    """codes[c] = clamp(floor(r / d), -2, 1) + 2; NaN -> 0."""
+    """codes[c] = _q_int2(r[c]); a zero step codes every element as 0."""
     C = r.shape[0]
     if d == F32_ZERO:
         for c in range(C):
             codes[c] = np.uint8(2)
         return
-    two = np.float32(2.0)
     for c in range(C):
-        q = np.floor(r[c] / d)
-        q = F32_ONE if q > F32_ONE else q
-        q = -two if q < -two else q
-        q = q if q == q else -two  # NaN -> code 0
-        codes[c] = np.uint8(np.int32(q + two))
+        codes[c] = _q_int2(r[c], d)
 
 
 @njit(**_JIT)
@@ -294,10 +314,10 @@ def _deq_row(codes, s, offset, mean_step, out):
 
 
 @njit(**_JIT)
-def row_encode(x, base, data, scale, kind, bits, residual, ef):
+def row_encode(x, base, data, scale, bits, residual, ef):
     """Code x (plain) or x - base (residual) with int8/int4 (absmax) or int2 (bits == 2).
 
-    x, base: (N, C) float32 or uint16 bits of `kind`; data (N, B) uint8; scale (N,) uint16 (bf16
+    x, base: (N, C) float32, float16 or bfloat16 bits (see above); data (N, B) uint8; scale (N,) uint16 (bf16
     bits). Residual with ef: base <- base + deq in place; without: base <- x."""
     N, C = x.shape
     k = 8 // bits
@@ -311,9 +331,9 @@ def row_encode(x, base, data, scale, kind, bits, residual, ef):
     codes = np.zeros(B * k, np.uint8)
     cview = codes[:C]
     for n in range(N):
-        load_row(x, n, kind, xf)
+        load_row(x, n, xf)
         if residual:
-            load_row(base, n, kind, bf)
+            load_row(base, n, bf)
             for c in range(C):
                 r[c] = xf[c] - bf[c]
         else:
@@ -334,14 +354,14 @@ def row_encode(x, base, data, scale, kind, bits, residual, ef):
                 _deq_row(cview, s, offset, mean_step, r)
                 for c in range(C):
                     r[c] = bf[c] + r[c]
-                store_row(base, n, kind, r)
+                store_row(base, n, r)
             else:
                 for c in range(C):
                     base[n, c] = x[n, c]
 
 
 @njit(**_JIT)
-def row_decode(data, scale, out, kind, bits, residual):
+def row_decode(data, scale, out, bits, residual):
     """out <- deq (plain, cast to out's dtype) or out <- out + deq (residual), in place."""
     N, C = out.shape
     k = 8 // bits
@@ -357,10 +377,10 @@ def row_decode(data, scale, out, kind, bits, residual):
         _unpack(data, n, bits, codes)
         _deq_row(cview, bf16_to_f32(scale[n]), offset, mean_step, v)
         if residual:
-            load_row(out, n, kind, bf)
+            load_row(out, n, bf)
             for c in range(C):
                 v[c] = bf[c] + v[c]
-        store_row(out, n, kind, v)
+        store_row(out, n, v)
 
 
 # ---- 1bit ----------------------------------------------------------------------------------------
@@ -380,7 +400,7 @@ def _deq_onebit(codes, mf, t, out):
 
 
 @njit(**_JIT)
-def onebit_encode(x, base, data, m, t, kind, residual, ef):
+def onebit_encode(x, base, data, m, t, residual, ef):
     """1bit coding of x (plain) or x - base (residual): m (C,) and t (N,) as bf16 bits."""
     N, C = x.shape
     B = data.shape[1]
@@ -396,9 +416,9 @@ def onebit_encode(x, base, data, m, t, kind, residual, ef):
     # statistics pass: sum_n |r| per channel, sum_c |r| per token
     ttsum = 0.0
     for n in range(N):
-        load_row(x, n, kind, xf)
+        load_row(x, n, xf)
         if residual:
-            load_row(base, n, kind, bf)
+            load_row(base, n, bf)
             for c in range(C):
                 r[c] = xf[c] - bf[c]
         else:
@@ -421,9 +441,9 @@ def onebit_encode(x, base, data, m, t, kind, residual, ef):
         else:
             tn = F32_ZERO
         t[n] = bf16_bits(tn)
-        load_row(x, n, kind, xf)
+        load_row(x, n, xf)
         if residual:
-            load_row(base, n, kind, bf)
+            load_row(base, n, bf)
             for c in range(C):
                 r[c] = xf[c] - bf[c]
         else:
@@ -436,14 +456,14 @@ def onebit_encode(x, base, data, m, t, kind, residual, ef):
                 _deq_onebit(cview, mf, tn, r)
                 for c in range(C):
                     r[c] = bf[c] + r[c]
-                store_row(base, n, kind, r)
+                store_row(base, n, r)
             else:
                 for c in range(C):
                     base[n, c] = x[n, c]
 
 
 @njit(**_JIT)
-def onebit_decode(data, m, t, out, kind, residual):
+def onebit_decode(data, m, t, out, residual):
     N, C = out.shape
     B = data.shape[1]
     codes = np.empty(B * 8, np.uint8)
@@ -457,10 +477,10 @@ def onebit_decode(data, m, t, out, kind, residual):
         _unpack(data, n, 1, codes)
         _deq_onebit(cview, mf, bf16_to_f32(t[n]), v)
         if residual:
-            load_row(out, n, kind, bf)
+            load_row(out, n, bf)
             for c in range(C):
                 v[c] = bf[c] + v[c]
-        store_row(out, n, kind, v)
+        store_row(out, n, v)
 
 
 # ---- block kernels: code into / decode out of a (links, bytes) wire buffer -----------------------
@@ -477,21 +497,22 @@ def onebit_decode(data, m, t, out, kind, residual):
 NAN_MARK = 0x7FC0
 
 
-def fill_nan_row(dst, n, kind):
+def fill_nan_row(dst, n):
     """Row n of dst = the dtype's canonical quiet NaN (what torch's masked_fill_ with nan writes)."""
 
 
 @overload(fill_nan_row, jit_options=_JIT)
-def _fill_nan_row_impl(dst, n, kind):
+def _fill_nan_row_impl(dst, n):
     if dst.dtype == types.float32:
-        def fill_f32(dst, n, kind):
+        def fill_f32(dst, n):
             v = f32_from_bits(np.uint32(0x7FC00000))
             for c in range(dst.shape[1]):
                 dst[n, c] = v
         return fill_f32
 
-    def fill_16(dst, n, kind):
-        h = np.uint16(0x7E00) if kind == 1 else np.uint16(0x7FC0)
+    h = np.uint16(0x7E00) if dst.dtype == types.uint16 else np.int16(0x7FC0)
+
+    def fill_16(dst, n):
         for c in range(dst.shape[1]):
             dst[n, c] = h
     return fill_16
@@ -566,92 +587,129 @@ def _unpack_at(w, pos, B, bits, codes):
 
 
 @njit(**_INLINE)
-def _residual_row(x, base, n, kind, residual, xf, bf, r):
-    """r = row n of x (plain) or of x - base (residual; bf = the cache row), in float32; a row of
-    x with a NaN or an infinity gives r = +0.0 (bf still loaded). Returns whether it did.
+def _nonfinite_bits(v):
+    """(bits & exponent mask) + 2**23: bit 31 set only for an exponent of all ones (inf, NaN)."""
+    return (f32_bits(v) & np.uint32(0x7F800000)) + np.uint32(0x00800000)
 
-    The test rides along the subtraction: (bits & exponent mask) + 2**23 reaches bit 31 only for
-    an exponent of all ones (inf, NaN), and the OR of those words is an integer reduction."""
+
+@njit(**_INLINE)
+def _residual_row(x, base, n, residual, bf, r):
+    """r = row n of x (plain) or of x - base (residual; bf = the cache row as float32), in one
+    pass; returns (non-finite, max |r| as bits, AND of r's bits). A row of x with a NaN or an
+    infinity gives r = +0.0 (and 0, 0 for the two reductions).
+
+    The non-finite test is an OR of _nonfinite_bits, an integer reduction; |r| as bits is ordered
+    like the value, so its max is one too. The flag is tested outside the loops, so they vectorise."""
     C = r.shape[0]
-    load_row(x, n, kind, xf)
     acc = np.uint32(0)
+    amax = np.uint32(0)
+    allbits = np.uint32(0xFFFFFFFF)
     if residual:
-        load_row(base, n, kind, bf)
         for c in range(C):
-            v = xf[c]
-            r[c] = v - bf[c]
-            acc |= (f32_bits(v) & np.uint32(0x7F800000)) + np.uint32(0x00800000)
+            v = load_elem(x, n, c)
+            b = load_elem(base, n, c)
+            bf[c] = b
+            d = v - b
+            r[c] = d
+            acc |= _nonfinite_bits(v)
+            u = f32_bits(d)
+            a = u & np.uint32(0x7FFFFFFF)
+            amax = a if a > amax else amax
+            allbits &= u
     else:
         for c in range(C):
-            v = xf[c]
+            v = load_elem(x, n, c)
             r[c] = v
-            acc |= (f32_bits(v) & np.uint32(0x7F800000)) + np.uint32(0x00800000)
+            acc |= _nonfinite_bits(v)
+            u = f32_bits(v)
+            a = u & np.uint32(0x7FFFFFFF)
+            amax = a if a > amax else amax
+            allbits &= u
     if acc & np.uint32(0x80000000):
         for c in range(C):
             r[c] = F32_ZERO
-        return True
-    return False
+        return True, np.uint32(0), np.uint32(0)
+    return False, amax, allbits
 
 
 @njit(**_JIT)
-def _encode_link(x, base, w, pos, kind, bits, residual, ef, xf, bf, r, codes):
-    """One int8/int4/int2 message: row_encode's arithmetic, written at w[pos:]."""
+def _encode_link(x, base, w, pos, bits, residual, ef, bf, r, codes):
+    """One int8/int4/int2 message: row_encode's arithmetic, written at w[pos:]. Per row: one pass
+    for the residual and its reductions, one that codes and (error feedback) writes the cache row,
+    one that packs."""
     N, C = x.shape
     k = 8 // bits
     B = (C + k - 1) // k
     mean_step = bits == 2
     qmax = (1 << (bits - 1)) - 1
     offset = 2 if mean_step else qmax + 1
-    cview = codes[:C]
+    fq = np.float32(qmax)
+    lim = np.float32(qmax + 1)
+    off = np.float32(offset)
+    update = residual and ef
     spos = pos + N * B
     flagged = 0
     for n in range(N):
-        bad = _residual_row(x, base, n, kind, residual, xf, bf, r)
+        bad, amax, allbits = _residual_row(x, base, n, residual, bf, r)
         flagged += bad
         if mean_step:
-            d = bf16_round((np.float32(_abs_sum(r)) / np.float32(C)) * F32_1P25)
-            sbits = bf16_bits(d)
-            _code_int2(r, d, cview)
-            s = d
+            s = bf16_round((np.float32(_abs_sum(r)) / np.float32(C)) * F32_1P25)
+            sbits = bf16_bits(s)
         else:
-            s, sbits = _row_scale_absmax(r, qmax)
-            _code_absmax(r, s, qmax, offset, cview)
+            s, sbits = _absmax_scale(amax, allbits, qmax)
         _put_bf16(w, spos + 2 * n, np.uint16(NAN_MARK) if bad else sbits)
+        if s == F32_ZERO:  # an all-zero row (or a scale that underflowed): q = 0
+            for c in range(C):
+                codes[c] = np.uint8(offset)
+            if update:
+                zero = ((off - off) + F32_HALF) * s if mean_step else (off - off) * s
+                for c in range(C):
+                    store_elem(base, n, c, bf[c] + zero)
+        elif mean_step:
+            if update:
+                for c in range(C):
+                    code = _q_int2(r[c], s)
+                    codes[c] = code
+                    store_elem(base, n, c, bf[c] + ((np.float32(code) - off) + F32_HALF) * s)
+            else:
+                for c in range(C):
+                    codes[c] = _q_int2(r[c], s)
+        elif update:
+            for c in range(C):
+                code = _q_absmax(r[c], s, fq, lim, off)
+                codes[c] = code
+                store_elem(base, n, c, bf[c] + (np.float32(code) - off) * s)
+        else:
+            for c in range(C):
+                codes[c] = _q_absmax(r[c], s, fq, lim, off)
         _pack_at(codes, bits, w, pos + n * B, B)
-        if residual:
-            if ef:
-                _deq_row(cview, s, offset, mean_step, r)
-                for c in range(C):
-                    r[c] = bf[c] + r[c]
-                store_row(base, n, kind, r)
-            elif not bad:
-                for c in range(C):
-                    base[n, c] = x[n, c]
+        if residual and not ef and not bad:
+            for c in range(C):
+                base[n, c] = x[n, c]
     return flagged
 
 
 @njit(**_JIT)
-def _encode_link_onebit(x, base, w, pos, kind, residual, ef, xf, bf, r, codes, colsum, tt, bad):
+def _encode_link_onebit(x, base, w, pos, residual, ef, bf, r, mf, codes, colsum, tt, bad):
     """One 1bit message: onebit_encode's arithmetic (statistics over this link's rows), at w[pos:]."""
     N, C = x.shape
     B = (C + 7) // 8
-    cview = codes[:C]
     fC = np.float32(C)
     fN = np.float32(N)
     mpos = pos + N * B
     tpos = mpos + 2 * C
+    update = residual and ef
     for c in range(C):
         colsum[c] = 0.0
     ttsum = 0.0
     flagged = 0
     for n in range(N):
-        bad[n] = _residual_row(x, base, n, kind, residual, xf, bf, r)
+        bad[n], _, _ = _residual_row(x, base, n, residual, bf, r)
         flagged += bad[n]
         for c in range(C):
             colsum[c] += abs(r[c])
         tt[n] = np.float32(_abs_sum(r)) / fC
         ttsum += tt[n]
-    mf = xf  # the row buffers are free between the passes; xf holds m as float32 from here on
     for c in range(C):
         mc = bf16_round(np.float32(colsum[c]) / fN)
         mf[c] = mc
@@ -663,36 +721,39 @@ def _encode_link_onebit(x, base, w, pos, kind, residual, ef, xf, bf, r, codes, c
         else:
             tn = F32_ZERO
         _put_bf16(w, tpos + 2 * n, np.uint16(NAN_MARK) if bad[n] else bf16_bits(tn))
-        if residual:
-            load_row(base, n, kind, bf)
-        if bad[n]:
+        flag = bad[n]
+        if flag:  # coded as a zero residual: every sign +
             for c in range(C):
-                r[c] = F32_ZERO
+                codes[c] = np.uint8(1)
+            if update:
+                for c in range(C):
+                    store_elem(base, n, c, load_elem(base, n, c) + mf[c] * tn)
+        elif update:
+            for c in range(C):
+                b = load_elem(base, n, c)
+                code = np.uint8(1) if load_elem(x, n, c) - b >= F32_ZERO else np.uint8(0)
+                codes[c] = code
+                mag = mf[c] * tn
+                store_elem(base, n, c, b + (mag if code != np.uint8(0) else -mag))
+        elif residual:
+            for c in range(C):
+                codes[c] = np.uint8(1) if load_elem(x, n, c) - load_elem(base, n, c) >= F32_ZERO else np.uint8(0)
         else:
-            load_row(x, n, kind, r)
-            if residual:
-                for c in range(C):
-                    r[c] = r[c] - bf[c]
-        _signs(r, cview)
+            for c in range(C):
+                codes[c] = np.uint8(1) if load_elem(x, n, c) >= F32_ZERO else np.uint8(0)
         _pack_at(codes, 1, w, pos + n * B, B)
-        if residual:
-            if ef:
-                _deq_onebit(cview, mf, tn, r)
-                for c in range(C):
-                    r[c] = bf[c] + r[c]
-                store_row(base, n, kind, r)
-            elif not bad[n]:
-                for c in range(C):
-                    base[n, c] = x[n, c]
+        if residual and not ef and not flag:
+            for c in range(C):
+                base[n, c] = x[n, c]
     return flagged
 
 
 @njit(**_JIT)
-def encode_block(x3, base3, wire, offset, skip, kind, bits, residual, ef):
+def encode_block(x3, base3, wire, offset, skip, bits, residual, ef):
     """For each link l != skip: code x3[l] (plain) or x3[l] - base3[l] (residual; base3[l] updated
     as row_encode / onebit_encode do) into wire[l, offset:offset + P].
 
-    x3, base3: (L, N, C) float32 or uint16 bits of `kind`; wire (L, nbytes) uint8; bits 8/4/2/1.
+    x3, base3: (L, N, C) float32, float16 or bfloat16 bits; wire (L, nbytes) uint8; bits 8/4/2/1.
     Returns the number of rows marked non-finite."""
     L, N, C = x3.shape
     xf = np.empty(C, np.float32)
@@ -708,15 +769,15 @@ def encode_block(x3, base3, wire, offset, skip, kind, bits, residual, ef):
         if l == skip:
             continue
         if bits == 1:
-            flagged += _encode_link_onebit(x3[l], base3[l], wire[l], offset, kind, residual, ef,
-                                           xf, bf, r, codes, colsum, tt, bad)
+            flagged += _encode_link_onebit(x3[l], base3[l], wire[l], offset, residual, ef,
+                                           bf, r, xf, codes, colsum, tt, bad)
         else:
-            flagged += _encode_link(x3[l], base3[l], wire[l], offset, kind, bits, residual, ef, xf, bf, r, codes)
+            flagged += _encode_link(x3[l], base3[l], wire[l], offset, bits, residual, ef, bf, r, codes)
     return flagged
 
 
 @njit(**_JIT)
-def _decode_link(w, pos, base, out, kind, bits, residual, codes, v, bf, mf):
+def _decode_link(w, pos, base, out, bits, residual, codes, v, mf):
     """One message of w[pos:] decoded: as row_decode / onebit_decode, the cache into base (residual)
     and the result into out; a row with a NaN scale (1bit: t) decodes with scale +0.0 and its out
     row is NaN."""
@@ -739,30 +800,28 @@ def _decode_link(w, pos, base, out, kind, bits, residual, codes, v, bf, mf):
         else:
             _deq_row(cview, s, offset, mean_step, v)
         if residual:
-            load_row(base, n, kind, bf)
-            for c in range(C):
-                v[c] = bf[c] + v[c]
-            store_row(base, n, kind, v)
             if marked:
-                fill_nan_row(out, n, kind)
-            else:
                 for c in range(C):
+                    store_elem(base, n, c, load_elem(base, n, c) + v[c])
+                fill_nan_row(out, n)
+            else:  # the cache row, then out = its stored value
+                for c in range(C):
+                    store_elem(base, n, c, load_elem(base, n, c) + v[c])
                     out[n, c] = base[n, c]
         elif marked:
-            fill_nan_row(out, n, kind)
+            fill_nan_row(out, n)
         else:
-            store_row(out, n, kind, v)
+            store_row(out, n, v)
 
 
 @njit(**_JIT)
-def decode_block(wire, offset, base3, out3, src3, has_src, skip, kind, bits, residual):
+def decode_block(wire, offset, base3, out3, src3, has_src, skip, bits, residual):
     """For each link l != skip: decode wire[l, offset:] into out3[l] (plain: deq cast to the dtype;
     residual: base3[l] <- base3[l] + deq, and out3[l] <- that). With has_src, out3[skip] <- src3[skip]."""
     L, N, C = out3.shape
     k = 8 // bits
     codes = np.empty(((C + k - 1) // k) * k, np.uint8)
     v = np.empty(C, np.float32)
-    bf = np.empty(C, np.float32)
     mf = np.empty(C, np.float32)
     for l in range(L):
         if l == skip:
@@ -773,12 +832,12 @@ def decode_block(wire, offset, base3, out3, src3, has_src, skip, kind, bits, res
                     for c in range(C):
                         o[n, c] = s[n, c]
             continue
-        _decode_link(wire[l], offset, base3[l], out3[l], kind, bits, residual, codes, v, bf, mf)
+        _decode_link(wire[l], offset, base3[l], out3[l], bits, residual, codes, v, mf)
 
 
 # Entry points on raw addresses: the tensor wrappers pass data_ptr()s and sizes (plain ints), which
 # costs far less per call than numpy views of the tensors. The wrappers have checked every shape,
-# dtype, contiguity and bound; kind 0 reads float32, kinds 1 and 2 uint16.
+# dtype, contiguity and bound; kind 0 reads float32, 1 float16 (uint16), 2 bfloat16 (int16).
 
 def _ptr_intrinsic(dtype):
     @intrinsic
@@ -796,6 +855,7 @@ def _ptr_intrinsic(dtype):
 
 _f32_ptr = _ptr_intrinsic(types.float32)
 _u16_ptr = _ptr_intrinsic(types.uint16)
+_i16_ptr = _ptr_intrinsic(types.int16)
 _u8_ptr = _ptr_intrinsic(types.uint8)
 
 
@@ -805,9 +865,12 @@ def encode_block_ptr(px, pb, pw, L, N, C, nbytes, offset, skip, kind, bits, resi
     wire = carray(_u8_ptr(pw), (L, nbytes))
     if kind == 0:
         return encode_block(carray(_f32_ptr(px), (L, N, C)), carray(_f32_ptr(pb), (L, N, C)), wire,
-                            offset, skip, kind, bits, residual, ef)
-    return encode_block(carray(_u16_ptr(px), (L, N, C)), carray(_u16_ptr(pb), (L, N, C)), wire,
-                        offset, skip, kind, bits, residual, ef)
+                            offset, skip, bits, residual, ef)
+    if kind == 1:
+        return encode_block(carray(_u16_ptr(px), (L, N, C)), carray(_u16_ptr(pb), (L, N, C)), wire,
+                            offset, skip, bits, residual, ef)
+    return encode_block(carray(_i16_ptr(px), (L, N, C)), carray(_i16_ptr(pb), (L, N, C)), wire,
+                        offset, skip, bits, residual, ef)
 
 
 @njit(**_JIT)
@@ -816,7 +879,10 @@ def decode_block_ptr(pw, pb, po, ps, L, N, C, nbytes, offset, skip, kind, bits, 
     wire = carray(_u8_ptr(pw), (L, nbytes))
     if kind == 0:
         decode_block(wire, offset, carray(_f32_ptr(pb), (L, N, C)), carray(_f32_ptr(po), (L, N, C)),
-                     carray(_f32_ptr(ps), (L, N, C)), has_src, skip, kind, bits, residual)
-    else:
+                     carray(_f32_ptr(ps), (L, N, C)), has_src, skip, bits, residual)
+    elif kind == 1:
         decode_block(wire, offset, carray(_u16_ptr(pb), (L, N, C)), carray(_u16_ptr(po), (L, N, C)),
-                     carray(_u16_ptr(ps), (L, N, C)), has_src, skip, kind, bits, residual)
+                     carray(_u16_ptr(ps), (L, N, C)), has_src, skip, bits, residual)
+    else:
+        decode_block(wire, offset, carray(_i16_ptr(pb), (L, N, C)), carray(_i16_ptr(po), (L, N, C)),
+                     carray(_i16_ptr(ps), (L, N, C)), has_src, skip, bits, residual)

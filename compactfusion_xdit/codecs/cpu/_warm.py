@@ -38,11 +38,11 @@ def compile_lock():
 
 
 def touch_all(K, stop=lambda: False) -> None:
-    """Call each kernel once per array type the package passes (float32; uint16 for fp16/bf16),
-    which compiles it or loads it from the cache. Shapes are tiny; results are discarded. The
-    block kernels are called on 3-D arrays and through their raw-address entry points (the
-    tensor wrappers' route), with the same argument types as the wrappers pass."""
-    for dt, kind in ((np.float32, 0), (np.uint16, 2)):
+    """Call each kernel once per array type the package passes (float32; uint16 bits for fp16,
+    int16 bits for bf16), which compiles it or loads it from the cache. Shapes are tiny; results
+    are discarded. The block kernels are called on 3-D arrays and through their raw-address entry
+    points (the tensor wrappers' route), with the same argument types as the wrappers pass."""
+    for dt, kind in ((np.float32, 0), (np.uint16, 1), (np.int16, 2)):
         x = np.zeros((2, 9), dt)
         base = np.zeros((2, 9), dt)
         for bits in (8, 4, 2):
@@ -50,15 +50,14 @@ def touch_all(K, stop=lambda: False) -> None:
                 return
             data = np.zeros((2, -(-9 // (8 // bits))), np.uint8)
             s = np.zeros(2, np.uint16)
-            K.row_encode(x, base, data, s, kind, bits, True, True)
-            K.row_decode(data, s, base, kind, bits, True)
+            K.row_encode(x, base, data, s, bits, True, True)
+            K.row_decode(data, s, base, bits, True)
         if stop():
             return
         data = np.zeros((2, 2), np.uint8)
         m, t = np.zeros(9, np.uint16), np.zeros(2, np.uint16)
-        K.onebit_encode(x, base, data, m, t, kind, True, True)
-        K.onebit_decode(data, m, t, base, kind, True)
-    for dt, kind in ((np.float32, 0), (np.uint16, 1), (np.uint16, 2)):
+        K.onebit_encode(x, base, data, m, t, True, True)
+        K.onebit_decode(data, m, t, base, True)
         if stop():
             return
         x3 = np.zeros((2, 2, 9), dt)
@@ -66,8 +65,8 @@ def touch_all(K, stop=lambda: False) -> None:
         out3 = np.zeros((2, 2, 9), dt)
         wire = np.zeros((2, 64), np.uint8)
         for bits in (8, 4, 2, 1):
-            K.encode_block(x3, base3, wire, 1, -1, kind, bits, True, True)
-            K.decode_block(wire, 1, base3, out3, x3, True, 0, kind, bits, True)
+            K.encode_block(x3, base3, wire, 1, -1, bits, True, True)
+            K.decode_block(wire, 1, base3, out3, x3, True, 0, bits, True)
         raw = (x3.ctypes.data, base3.ctypes.data, out3.ctypes.data, wire.ctypes.data)
         K.encode_block_ptr(raw[0], raw[1], raw[3], 2, 2, 9, 64, 1, -1, kind, 4, True, True)
         K.decode_block_ptr(raw[3], raw[1], raw[2], raw[0], 2, 2, 9, 64, 1, 0, kind, 4, True, True)
