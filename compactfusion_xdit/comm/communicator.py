@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from compactfusion_xdit.comm import p2p
-from compactfusion_xdit.comm.pending import Pending
+from compactfusion_xdit.comm.pending import Pending, hidden_since
 from compactfusion_xdit.comm.plans import AllToAllPlan, GatherPlan, RecvPlan, RingPlan, SendPlan, rows_of
 from compactfusion_xdit.comm.wire import BufferPool, link_key
 from compactfusion_xdit.core.residual import MessageKind, ResidualState, path_of
@@ -153,7 +153,8 @@ class CompressedCommunicator:
                     state.seed_stacked("recv", [link_key(key, ranks[p], ranks[me]) for p in peers],
                                        rows_of(out.view(world, -1), peers), shape)
             if start is not None:
-                state.auto_observe(path_of(keys[0]), (world - 1) * sum(sizes) * xs[0].element_size(), start, xs[-1], g)
+                state.auto_observe(path_of(keys[0]), (world - 1) * sum(sizes) * xs[0].element_size(), start, xs[-1], g,
+                                   hidden=hidden_since(start, pending))
             return outs
 
         pending = Pending([work], finish_raw, keep=(xs, send, recv))
@@ -212,7 +213,8 @@ class CompressedCommunicator:
                     state.seed_sender(plan.own, x)
                     state.seed_stacked("recv", plan.recv_links, rows_of(out.view(world, -1), plan.others), plan.shape)
                 if start is not None:
-                    state.auto_observe(plan.path, (world - 1) * plan.nbytes, start, x, g)
+                    state.auto_observe(plan.path, (world - 1) * plan.nbytes, start, x, g,
+                                       hidden=hidden_since(start, pending))
                 return out
 
             pending = Pending([work], finish_raw, keep=x)
@@ -292,10 +294,12 @@ class CompressedCommunicator:
                 if kind is MessageKind.SEED:
                     state.seed_receiver(plan.link, out)
                 if start is not None:
-                    state.auto_observe(plan.path, out.numel() * out.element_size(), start, out, link=(src, me))
+                    state.auto_observe(plan.path, out.numel() * out.element_size(), start, out, link=(src, me),
+                                       hidden=hidden_since(start, pending))
                 return out
 
-            return Pending([received], finish_raw)
+            pending = Pending([received], finish_raw)
+            return pending
         wire, coder = plan.coder(state, choice)
         received = p2p.post(g, recvs=[(wire.view(-1), src, tag)])[1]
 

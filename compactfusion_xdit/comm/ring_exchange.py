@@ -7,6 +7,7 @@ buffers and prepared coders come from the exchange's `plans.RingPlan`.
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import torch
@@ -93,10 +94,11 @@ class RingExchange:
         for hop in range(world):
             origin = self.plan.origins[hop]
             if hop > 0:
+                waited_from = time.perf_counter() if start is not None else 0.0
                 received.wait()
-                if start is not None:
+                if start is not None:  # the hop ran alongside the attention over the block before
                     self.state.auto_observe(self.plan.path, self.buffers[0].numel(), start, self.tensors[-1],
-                                            self.group)
+                                            self.group, hidden=max(waited_from - start, 0.0))
                     start = self.state.auto_clock()
                 sent.wait()  # the previous hop's sends: frees `spare` for the next receive
                 if hop < world - 1:

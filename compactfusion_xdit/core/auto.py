@@ -14,9 +14,11 @@ The life of a decision (one `AutoSelector` per `ResidualState` whose config is i
    tensor (a few repeats, min), then one ``all_gather_object`` on the world group (every rank
    makes it at the same point) shares the settings and the measurements. Every rank checks the
    settings match (else every rank raises the same one-line error) and computes the same decision
-   from the same gathered data: per path, the candidate minimising the expected exchange time of
-   the slowest rank, ``payload / link throughput + encode + decode``; ``none`` when coding does not
-   pay. Candidates: none, residual-int8, -int4, -int2, -1bit, up to the floor (``auto_floor``).
+   from the same gathered data: per path, the candidate minimising the expected time the slowest
+   rank loses to the exchange (`exposed_seconds`): the raw wait measured at each exchange's point
+   of use, less what the smaller payload saves on the link, plus encode + decode. A transfer that
+   hid behind compute (PipeFusion's hops, displaced patches' gathers, ring hops behind attention)
+   left no wait, so coding it only costs; ``none`` wins when coding does not pay. Candidates: none, residual-int8, -int4, -int2, -1bit, up to the floor (``auto_floor``).
    PipeFusion and step parallelism (`between_requests`): their ranks are not in lock-step within a
    request (a collective there would wait for a stage that waits for it), so the measured request
    is sent raw throughout and the ranks agree in `begin_request` of the next request, where no rank
@@ -100,6 +102,7 @@ class AutoSelector:
     def _reset_measurements(self) -> None:
         self._bytes: dict[str, int] = {}
         self._times: dict[str, dict[int, list[float]]] = {}  # path -> bytes of an exchange -> its seconds
+        self._waits: dict[str, dict[int, list[float]]] = {}  # ... -> seconds its first wait blocked
         self._groups: dict[str, Any] = {}  # path -> the process group its collectives ran on (probed)
         self._links: dict[str, set[tuple[int, int]]] = {}  # path -> (src, dst) global ranks of its p2p receives
         self._probed: dict[str, tuple[float, float]] = {}  # path -> (latency s, s per byte) of its probe
@@ -157,11 +160,14 @@ class AutoSelector:
         return None
 
     def observe(self, path: str, nbytes: int, start: float, sample: torch.Tensor | None = None,
-                group: Any = None, link: tuple[int, int] | None = None) -> None:
+                group: Any = None, link: tuple[int, int] | None = None, hidden: float = 0.0) -> None:
         """One raw exchange of `path` finished: `nbytes` this rank put on (or, for a receive, took
         off) the wire since `start`; on the collective `group`, or the point-to-point `link`
-        (src, dst global ranks), if given: `agree` probes it."""
+        (src, dst global ranks), if given: `agree` probes it. `hidden`: the seconds between
+        posting and the first wait, which the transfer spent alongside the caller's work (a
+        pipeline's compute); the rest, the wait at the point of use, is what coding can shorten."""
         seconds = link_seconds(path, nbytes, time.perf_counter() - start)
+        self._waits.setdefault(path, {}).setdefault(nbytes, []).append(max(seconds - hidden, 0.0))
         if group is not None:
             self._groups[path] = group
         if link is not None:
@@ -172,14 +178,17 @@ class AutoSelector:
             self._samples[path] = sample
 
     def measurements(self) -> dict[str, dict[str, Any]]:
-        """This rank's view per measured path: bytes per warm-up step, throughput (MB/s) and the
-        codec cost (seconds per raw byte) and payload ratio of each candidate."""
+        """This rank's view per measured path: bytes per warm-up step, throughput (MB/s), the
+        exchanges per step by size with the median wait each cost at its point of use (``waits``
+        [(bytes, per step, s)]), and the codec cost (seconds per raw byte) and payload ratio of
+        each candidate."""
         steps = max(len(self._steps), 1)
         out = {}
         for path, nbytes in self._bytes.items():
             latency, per_byte = self._probed.get(path) or link_fit(self._times[path])
             sample = self._samples.get(path)
-            out[path] = {"bytes_per_step": nbytes / steps, **_link_view(latency, per_byte),
+            waits = [(n, len(w) / steps, _median(w)) for n, w in sorted(self._waits[path].items())]
+            out[path] = {"bytes_per_step": nbytes / steps, **_link_view(latency, per_byte), "waits": waits,
                          "codecs": _codec_costs(sample, self.candidates, self.config.error_feedback)}
         return out
 
@@ -228,6 +237,11 @@ class AutoSelector:
 
     def stats(self) -> dict[str, Any]:
         return {path: dict(r) for path, r in self.report.items()}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _low_quantile(values: list[float], q: float = 0.25) -> float:
@@ -354,23 +368,32 @@ def check_settings(gathered: list[dict]) -> None:
                     f"do not share would corrupt the exchange)")
 
 
+def exposed_seconds(view: dict[str, Any], name: str) -> float:
+    """A rank's expected seconds per step that `name` costs on a path: per exchange, the raw wait
+    at its point of use, shortened by what the smaller payload saves on the link (never below 0),
+    plus encode + decode. A transfer that hid behind the caller's work (a pipeline's compute) left
+    no wait, so coding it only costs; one waited on at once waits its whole transfer. A view
+    without ``waits`` counts every transfer whole."""
+    ratio, cost = view["codecs"].get(name, (1.0, 0.0))
+    rate = max(view["MBps"], 1e-12) * 1e6
+    waits = view.get("waits")
+    if waits is None:
+        n = view["bytes_per_step"]
+        return n * ratio / rate + n * cost
+    return sum(count * (max(wait - n * (1.0 - ratio) / rate, 0.0) + n * cost) for n, count, wait in waits)
+
+
 def decide(gathered: list[dict], names: tuple[str, ...]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-    """Per path measured by any rank: the name in `names` whose expected exchange time on the
-    slowest rank is least (ties: the finer one, so ``none`` first), and ``none`` unless that saves
-    at least `CODING_MARGIN` of none's time. Pure: same input, same output."""
+    """Per path measured by any rank: the name in `names` whose expected exchange time
+    (`exposed_seconds`) on the slowest rank is least (ties: the finer one, so ``none`` first), and
+    ``none`` unless that saves at least `CODING_MARGIN` of none's time. Pure: same input, same output."""
     paths = sorted({p for entry in gathered for p in entry["measured"]})
     decision, report = {}, {}
     for path in paths:
         views = [entry["measured"][path] for entry in gathered if path in entry["measured"]]
         expected = {}
         for name in names:
-            worst = 0.0
-            for v in views:
-                ratio, cost = v["codecs"].get(name, (1.0, 0.0))
-                rate = max(v["MBps"], 1e-12) * 1e6
-                nbytes = v["bytes_per_step"]
-                worst = max(worst, nbytes * ratio / rate + nbytes * cost)
-            expected[name] = worst * 1e3
+            expected[name] = max(exposed_seconds(v, name) for v in views) * 1e3
         best = min(names, key=lambda n: (expected[n], names.index(n)))
         if best != "none" and "none" in expected and expected[best] > (1.0 - CODING_MARGIN) * expected["none"]:
             best = "none"

@@ -252,12 +252,13 @@ class ResidualState:
         return None if self.auto is None else self.auto.clock(self.step)
 
     def auto_observe(self, path: str, nbytes: int, start: float, sample: torch.Tensor | None = None,
-                     group: Any = None, link: tuple[int, int] | None = None) -> None:
+                     group: Any = None, link: tuple[int, int] | None = None, hidden: float = 0.0) -> None:
         """A measured exchange (`auto_clock` gave `start`) of `path` finished after `nbytes` were
         sent (received, for a point-to-point receive); `group`: the collective's process group, or
-        `link`: the receive's (src, dst) global ranks, which auto probes once before deciding."""
+        `link`: the receive's (src, dst) global ranks, which auto probes once before deciding;
+        `hidden`: the seconds between posting and the first wait (the caller's work alongside)."""
         if nbytes and path in self.config.paths:
-            self.auto.observe(path, nbytes, start, sample, group, link)
+            self.auto.observe(path, nbytes, start, sample, group, link, hidden)
 
     def auto_between_requests(self) -> None:
         """Agree on auto's decision at request starts, on what the previous request measured (it is

@@ -96,6 +96,28 @@ def test_a_codec_that_saves_less_than_the_margin_loses_to_none():
         assert auto.decide([{"measured": {"ulysses": _view(1.0, 1e6, costs)}}], names)[0] == {"ulysses": expected}
 
 
+def test_a_transfer_that_hides_behind_compute_is_not_worth_coding():
+    """What counts is the raw wait at the point of use: a pipeline's transfer that ran alongside its
+    compute left none, so coding only costs its encode + decode and none wins; a wait is shortened
+    by what the payload saves on the link, never below 0."""
+    names = ("none", "residual-int4")
+    costs = {"none": (1.0, 0.0), "residual-int4": (0.25, 0.05 / 1e6)}  # 1 MB: 0.05 s of coding
+
+    def pick(wait):
+        view = dict(_view(1.0, 1e6, costs), waits=[(1e6, 1.0, wait)])  # 1 MB per step at 1 MB/s: 1 s on the wire
+        decision, report = auto.decide([{"measured": {"pipefusion": view}}], names)
+        return decision["pipefusion"], report["pipefusion"]["candidates"]
+
+    assert pick(0.0) == ("none", {"none": 0.0, "residual-int4": 50.0})  # hidden: coding only costs
+    assert pick(1.0) == ("residual-int4", {"none": 1000.0, "residual-int4": 300.0})  # waited on at once
+    assert pick(0.3) == ("residual-int4", {"none": 300.0, "residual-int4": 50.0})  # the saving covers the wait
+    assert pick(0.06)[0] == "none"  # 60 ms of wait against 50 ms of coding: a saving under the margin
+    # exchanges of two sizes, each with its own wait
+    view = dict(_view(1.0, 2e6, costs), waits=[(5e5, 2.0, 0.5), (1e6, 1.0, 0.0)])
+    assert auto.exposed_seconds(view, "none") == pytest.approx(1.0)
+    assert auto.exposed_seconds(view, "residual-int4") == pytest.approx(2 * (0.125 + 0.025) + 0.05)
+
+
 def test_one_process_measures_in_the_warmup_then_codes_with_the_floor(monkeypatch):
     monkeypatch.setenv(auto.FAKE_RATE_ENV, SLOW)
     state = ResidualState(CompressionConfig.parse("auto", auto_floor="residual-int4"))

@@ -114,11 +114,12 @@ def variants(rank: int, world_size: int, variant_list: list, plain_sd: bool = Fa
 
 @pytest.fixture(scope="module")
 def runs2() -> list[dict]:
-    """One 2-rank launch for every variant (the imports dominate a launch); auto sees a 1 MB/s link."""
+    """One 2-rank launch for every variant (the imports dominate a launch); auto sees a 1 kB/s link,
+    on which each halo and K/V message outlasts the step it hides behind."""
     from compactfusion_xdit.core import auto
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(auto.FAKE_RATE_ENV, "1")
+        patch.setenv(auto.FAKE_RATE_ENV, "0.001")
         return run_ranks(f"{HERE}:variants", 2, {"variant_list": VARIANTS, "plain_sd": True}, timeout=TIMEOUT)
 
 
