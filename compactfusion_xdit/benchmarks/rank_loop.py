@@ -8,8 +8,9 @@ group on port ``port + j``, so xfuser is imported once per launch), ``phases`` (
 phase k (counted over all runs), rank 0 writes ``phase<k>.want`` and every rank waits for the
 controller's ``phase<k>.go`` (the controller changes the links in between). Each request runs
 between two barriers; rank 0's wall time between them is the request's latency. Rank r writes
-``rank<r>.json`` (per run, latencies and traffic per phase) and, where it holds the pipeline
-output, ``image_run<j>_rank<r>.npy`` (uint8, the first measured request of the run's first phase).
+``rank<r>.json`` (per run, latencies per phase, and the traffic and auto's report of the phase's
+last request: auto has settled by then) and, where it holds the pipeline output,
+``image_run<j>_rank<r>.npy`` (uint8, the last request of the run's first phase).
 With ``items`` (a list of request overrides, e.g. ``{"prompt": "digit 7", "seed": 1}``) a run is
 one phase serving each item once instead, saving ``item<k>_run<j>_rank<r>.npy``.
 """
@@ -120,7 +121,7 @@ def _one_run(argv: list[str], spec: dict, first_phase: int):
             counted = rank_traffic.compression_traffic(session)
             if session is not None:
                 session.end_request()
-            if i == 1 or spec["requests"] == 0:
+            if i == spec["requests"]:  # the last: with auto, what its decision settled on
                 traffic = {k: counted[k] for k in ("raw_bytes", "sent_bytes", "paths")}
                 auto = session.stats().get("auto") if session is not None else None
                 if auto:  # --compression auto: what it measured and chose per path on this link

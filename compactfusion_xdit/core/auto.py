@@ -53,6 +53,13 @@ PROBE_TINY_BYTES = 64  # per peer: the probe's latency-only message
 #: (measured: PipeFusion on an unshaped veth link, 521 MB/s, int2 expected 5 % under none).
 CODING_MARGIN = 0.2
 PROBE_TAG = 0xA07  # point-to-point tag of the link probes (world group, between requests)
+#: Between requests the model's pick is tried on a whole request before it holds: it is kept only
+#: if the coded part of that request (the steps after the warm-up) ran this much faster than the
+#: measured raw request's, slowest rank against slowest rank.
+TRIAL_MARGIN = 0.03
+
+
+clock = time.perf_counter  # what times a trial's steps (tests replace it)
 
 
 def candidates(floor: str) -> tuple[str, ...]:
@@ -97,6 +104,10 @@ class AutoSelector:
         #: step (set by layouts whose ranks are not in lock-step: PipeFusion, step parallelism).
         self.between_requests = False
         self._ran = False  # a step of the current request was set (every rank alike: see `stepped`)
+        self._span = [None, None]  # perf_counter of this request's first and last step after the warm-up
+        #: Between requests: the model's pick on trial for one request, {"raw_s": the measured raw
+        #: request's coded part, slowest rank; "model": the model's own decision}; None otherwise.
+        self.trial: dict[str, Any] | None = None
         self._reset_measurements()
 
     def _reset_measurements(self) -> None:
@@ -120,6 +131,7 @@ class AutoSelector:
         requests, a pending decision is agreed here (a collective) when the previous request ran
         steps for the same shape."""
         ran, self._ran = self._ran, False
+        span = self._take_span() if ran else None
         if self.decision is None:
             if shape is not None and self._shape is not None and shape != self._shape:
                 self._reset_measurements()  # measured for another shape: measure this one
@@ -127,7 +139,10 @@ class AutoSelector:
             if shape is not None:
                 self._shape = shape
             if ran and self.between_requests:
-                self.agree()  # every rank: the same begin calls and steps, so the same answer
+                self.agree(span)  # every rank: the same begin calls and steps, so the same answer
+            return False
+        if self.trial is not None and ran and shape in (None, self._shape):
+            self.settle_trial(span)  # a collective, at the same begin on every rank
             return False
         if self._coded:  # a request nested in another's begin (the pipeline's own) is not counted
             self._requests_since += 1
@@ -135,16 +150,30 @@ class AutoSelector:
         every = self.config.auto_every
         if (shape is not None and self._shape is not None and shape != self._shape) or (every and self._requests_since >= every):
             self.decision = None
+            self.trial = None
             self._shape = shape
             self._reset_measurements()
             return True
         return False
 
-    def stepped(self) -> None:
+    def stepped(self, step: int | None = None) -> None:
         """A step of the current request was set. Every rank sets steps in a request that exchanges
         anything (the lifecycle patch at each backbone call; step parallelism at each window end),
-        so whether one did since the last `begin_request` is the same on every rank."""
+        so whether one did since the last `begin_request` is the same on every rank. Steps from
+        the warm-up on are timed (`_take_span`)."""
         self._ran = True
+        if step is not None and step >= self.config.warmup:
+            now = clock()
+            if self._span[0] is None:
+                self._span[0] = now
+            self._span[1] = now
+
+    def _take_span(self) -> float | None:
+        """Seconds from the first to the last step after the warm-up of the request just ended (the
+        part coding changes; a request's first steps also pay one-off costs); None without two."""
+        first, last = self._span
+        self._span = [None, None]
+        return None if first is None or last <= first else last - first
 
     def coded_step(self) -> None:
         """The current request reached a coded step under the decision (counts it for ``auto_every``)."""
@@ -199,17 +228,19 @@ class AutoSelector:
         return {"auto floor": self.floor, "auto every": c.auto_every, "warmup": c.warmup,
                 "paths": ",".join(c.paths), "error feedback": c.error_feedback}
 
-    def agree(self) -> dict[str, str]:
+    def agree(self, span: float | None = None) -> dict[str, str]:
         """Measure the codecs, share everything with one world collective, decide (same on every
         rank). When some rank received on point-to-point links, a second collective follows the
-        probe of those links (`probe_links`)."""
+        probe of those links (`probe_links`). Between requests, `span`: this rank's seconds of the
+        measured raw request after its warm-up; the model's best coded candidate is then tried on
+        the next request (`settle_trial`) unless the link is faked."""
         import torch.distributed as dist
 
         for path in sorted(self._groups):  # every member of a path's group has that path: the probes pair up
             sample = self._samples.get(path)
             biggest = max(self._times[path])
             self._probed[path] = probe_link(path, self._groups[path], biggest, sample.device if sample is not None else None)
-        mine = {"settings": self.settings(), "measured": self.measurements(),
+        mine = {"settings": self.settings(), "measured": self.measurements(), "span": span,
                 "links": {path: sorted(links) for path, links in self._links.items()},
                 "biggest": {path: max(self._times[path]) for path in self._links}}
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -229,14 +260,55 @@ class AutoSelector:
                     if path in entry["measured"]:
                         entry["measured"][path].update(_link_view(latency, per_byte))
         self.decision, self.report = decide(gathered, self.candidates)
+        spans = [entry.get("span") for entry in gathered]
+        if self.between_requests and not envs.get(FAKE_RATE_ENV) and all(spans) and len(self.candidates) > 1:
+            self.trial = {"raw_s": max(spans), "model": dict(self.decision)}
+            self.decision = {path: _best_coded(r["candidates"]) for path, r in self.report.items()}
+            for path, report in self.report.items():
+                report["codec"] = self.decision[path]
+                report["expected_ms"] = report["candidates"][report["codec"]]
+                report["trial"] = {"codec": self.decision[path], "raw_s": round(max(spans), 4), "coded_s": None,
+                                   "kept": None}
         self.decisions += 1
         self._requests_since = 0
         self._coded = False
         self._samples.clear()  # no tensor of the request outlives the decision
         return self.decision
 
+    def settle_trial(self, span: float | None) -> dict[str, str]:
+        """End the trial: one world collective shares each rank's `span` of the trial request; its
+        codecs hold if the slowest rank's span beat the raw request's by `TRIAL_MARGIN`, else every
+        path sends raw (``none``). Same data on every rank, same answer."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            spans: list = [None] * dist.get_world_size()
+            dist.all_gather_object(spans, span)
+        else:
+            spans = [span]
+        trial, self.trial = self.trial, None
+        coded_s = max(spans) if all(spans) else None
+        kept = coded_s is not None and coded_s < (1.0 - TRIAL_MARGIN) * trial["raw_s"]
+        tried = self.decision
+        if not kept:
+            self.decision = {path: "none" for path in tried}
+        for path, report in self.report.items():
+            report["codec"] = self.decision.get(path, "none")
+            report["expected_ms"] = report["candidates"].get(report["codec"])
+            report["trial"] = {"codec": tried.get(path), "raw_s": round(trial["raw_s"], 4),
+                               "coded_s": None if coded_s is None else round(coded_s, 4), "kept": kept}
+        self._requests_since = 0
+        self._coded = False
+        return self.decision
+
     def stats(self) -> dict[str, Any]:
         return {path: dict(r) for path, r in self.report.items()}
+
+
+def _best_coded(candidates: dict[str, float]) -> str:
+    """The coded candidate with the least expected ms (ties: the finer one, listed first)."""
+    coded = [name for name in candidates if name != "none"]
+    return min(coded, key=lambda n: (candidates[n], coded.index(n)))
 
 
 def _median(values: list[float]) -> float:

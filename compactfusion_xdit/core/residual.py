@@ -167,7 +167,7 @@ class ResidualState:
         self.step = step
         self.regime = self._regime(step)
         if self.auto is not None:
-            self.auto.stepped()
+            self.auto.stepped(step)
             if step >= self.config.warmup:
                 if self.auto.pending and not self.auto.between_requests:
                     self.auto.agree()  # a world collective: every rank reaches its first coded step alike

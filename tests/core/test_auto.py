@@ -192,6 +192,47 @@ def test_between_requests_a_raw_request_measures_and_the_next_start_agrees(monke
     assert request((64, 64, 4))[-1] is MessageKind.CODED and state.auto.decisions == 2
 
 
+@pytest.mark.parametrize("trial_step_s, kept", [(0.5, True), (0.99, False)])
+def test_between_requests_the_pick_is_tried_on_one_request_and_kept_only_if_faster(monkeypatch, trial_step_s, kept):
+    """Between requests (no faked link) the model's best coded candidate runs the next request; it
+    holds only if that request's steps after the warm-up took TRIAL_MARGIN less than the raw
+    request's, else the path goes raw. A model can miss a pipeline's queueing or a wait absorbed
+    elsewhere; the trial measures the request itself."""
+    monkeypatch.delenv(auto.FAKE_RATE_ENV, raising=False)
+    now = [0.0]
+    monkeypatch.setattr(auto, "clock", lambda: now[0])
+    state = ResidualState(CompressionConfig.parse("auto"))
+    state.auto_between_requests()
+    key, shape = ("pipefusion", "latent", 0), (64, 64)
+
+    def request(step_s):
+        state.begin_request((64, 64, 4))
+        kinds = []
+        for step in range(4):
+            now[0] += step_s
+            state.set_step(step)
+            kinds.append(state.message_kind(key, shape, torch.float32))
+            start = state.auto_clock()
+            if start is not None:
+                state.auto_observe("pipefusion", 4096, start, torch.randn(shape), link=(0, 1))
+        return kinds
+
+    assert request(1.0) == [MessageKind.RAW] * 4  # measured: steps 1..3 span 2 s
+    tried = request(trial_step_s)  # agreed at its start: the best coded candidate, on trial
+    assert tried[1:] == [MessageKind.CODED] * 3 and state.auto.trial is not None
+    codec = state.auto.decision["pipefusion"]
+    assert codec != "none"
+    settled = request(1.0)  # its start settles the trial: 3 * trial_step_s against 2 s
+    report = state.auto.stats()["pipefusion"]
+    assert report["trial"] == {"codec": codec, "raw_s": 2.0, "coded_s": 2 * trial_step_s, "kept": kept}
+    assert state.auto.trial is None and state.auto.decisions == 1
+    if kept:
+        assert state.auto.decision == {"pipefusion": codec} and settled[1:] == [MessageKind.CODED] * 3
+    else:
+        assert state.auto.decision == {"pipefusion": "none"} and settled == [MessageKind.RAW] * 4
+    assert report["codec"] == state.auto.decision["pipefusion"]
+
+
 # ----- several gloo ranks: the decision is agreed -------------------------------------------------
 
 def _auto_rank(rank: int, world: int, floors: list[str]) -> dict:
