@@ -22,8 +22,10 @@ The life of a decision (one `AutoSelector` per `ResidualState` whose config is i
    PipeFusion and step parallelism (`between_requests`): their ranks are not in lock-step within a
    request (a collective there would wait for a stage that waits for it), so the measured request
    is sent raw throughout and the ranks agree in `begin_request` of the next request, where no rank
-   has anything in flight; that request's coded steps use the decision. Their point-to-point links
-   are probed all at once (`probe_links`).
+   has anything in flight. Their point-to-point links are probed all at once (`probe_links`). The
+   model's best coded candidate then runs that request on trial, and holds only if its steps after
+   the warm-up beat the raw request's by `TRIAL_MARGIN` (`settle_trial`, at the next begin), else
+   the paths go raw: a pipeline's waits compound in ways a per-exchange model under-counts.
 3. Hold. The decision holds for the launch; it is dropped (and measured again in the next
    request's warm-up, or the whole next request between requests) when the request shape given
    to `begin_request` changes or every ``auto_every`` requests (0: never).
