@@ -38,6 +38,7 @@ TIMEOUT = 150.0
 FLAGS = ["--pipefusion_parallel_degree", "2", "--num_pipeline_patch", str(PATCHES), "--warmup_steps", str(WARMUP_STEPS)]
 RAW_PATCHED = "raw-through-patch"  # the compression patch applied with a `none` session: raw payloads
 SLOW_LINK, FAST_LINK = "0.001", "1e9"  # MB/s, for `auto@RATE` variants (CFX_AUTO_LINK_MBPS)
+REAL_LINK = "real"  # `auto@real`: the link is not faked (auto tries its pick on a request)
 SERVED_IN_TURN = "compactfusion_xdit.testing.targets:worker_served_in_turn"
 
 
@@ -52,7 +53,8 @@ def runs_in_turn(rank: int, world_size: int, model: str, variants: list[tuple[st
     """Rank target: one loaded pipeline, one request per (compression, (height, width)). Before
     each request the patches are installed for that compression (``RAW_PATCHED``: stock install
     plus this module's patch with a ``none`` session; ``auto@RATE``: auto with the cache check on
-    and the link faked at RATE MB/s; a variant repeating the one before runs on the same session).
+    and the link faked at RATE MB/s, or measured for ``auto@real``; a variant repeating the one
+    before runs on the same session).
     Returns per request the last rank's latents and every rank's PipeFusion byte counts, message
     log and cache check (with auto: every message's, and the decision)."""
     from compactfusion_xdit import envs, patches
@@ -77,7 +79,7 @@ def runs_in_turn(rank: int, world_size: int, model: str, variants: list[tuple[st
             session = CompressionSession("none")
             pipefusion.apply(extra, session)
         else:
-            os.environ[envs.AUTO_LINK_MBPS] = rate
+            os.environ[envs.AUTO_LINK_MBPS] = "" if rate == REAL_LINK else rate
             patches.install(CompressionConfig.parse(name, check=bool(rate)))
             session = patches.session()
         try:
@@ -92,7 +94,7 @@ def runs_in_turn(rank: int, world_size: int, model: str, variants: list[tuple[st
                           caches=sorted(side + repr(key[1:]) for side, key in session.state.cache_digests()))
             if rate:
                 result.update(decision=session.state.auto.decision, report=session.stats()["auto"],
-                              decisions=session.state.auto.decisions)
+                              decisions=session.state.auto.decisions, trial=session.state.auto.trial)
         results.append(result)
     return results
 
@@ -156,11 +158,13 @@ def sent_nbytes(sends: list[tuple]) -> int:
 # --------------------------------------------------------------------------------------------
 
 SQUARE, WIDE = (64, 64), (48, 80)
-AUTO_SLOW, AUTO_FAST = f"auto@{SLOW_LINK}", f"auto@{FAST_LINK}"
+AUTO_SLOW, AUTO_FAST, AUTO_REAL = f"auto@{SLOW_LINK}", f"auto@{FAST_LINK}", f"auto@{REAL_LINK}"
 VARIANTS = [("none", SQUARE), (RAW_PATCHED, SQUARE), ("residual-int4", SQUARE), ("int4", SQUARE),
             ("none", WIDE), ("residual-int4", WIDE),
             # auto: two requests on one session each (the first measures, raw; the second decided)
-            (AUTO_SLOW, SQUARE), (AUTO_SLOW, SQUARE), ("residual-int2", SQUARE), (AUTO_FAST, SQUARE), (AUTO_FAST, SQUARE)]
+            (AUTO_SLOW, SQUARE), (AUTO_SLOW, SQUARE), ("residual-int2", SQUARE), (AUTO_FAST, SQUARE), (AUTO_FAST, SQUARE),
+            # a measured link: raw, the pick on trial, then settled
+            (AUTO_REAL, SQUARE), (AUTO_REAL, SQUARE), (AUTO_REAL, SQUARE)]
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +229,25 @@ def test_auto_agrees_between_requests_and_codes_like_the_codec_it_chose(runs, va
     for auto_rank, fixed_rank in zip(second, fixed):
         assert auto_rank["messages"] == fixed_rank["messages"]
     assert torch.equal(second[-1]["latents"], fixed[-1]["latents"])
+
+
+def test_on_a_measured_link_auto_tries_its_pick_on_one_request_then_every_stage_settles_alike(runs):
+    """No faked link: the first request measures (raw), the second runs the model's best coded
+    candidate on trial, the third's start settles it from both stages' timings: kept, or every
+    message raw again. Both stages hold the same decision and report; caches stay consistent."""
+    first, trial, settled = runs[(AUTO_REAL, SQUARE)]
+    assert [(r["decision"], r["trial"]) for r in first] == [(None, None)] * 2
+    assert {kind for r in first for *_, kind in r["messages"]} == {"raw"}
+    tried = trial[0]["decision"]["pipefusion"]
+    assert tried != "none" and all(r["decision"] == {"pipefusion": tried} and r["trial"] for r in trial)
+    assert {kind for r in trial for *_, kind in r["messages"]} >= {"coded"}
+    report = settled[0]["report"]["pipefusion"]
+    assert all(r["report"] == settled[0]["report"] and r["trial"] is None for r in settled)  # every stage alike
+    assert report["trial"]["codec"] == tried and report["trial"]["raw_s"] > 0 and report["trial"]["coded_s"] > 0
+    final = tried if report["trial"]["kept"] else "none"
+    assert all(r["decision"] == {"pipefusion": final} and r["decisions"] == 1 for r in settled)
+    assert {kind for r in settled for *_, kind in r["messages"]} <= ({"raw", "seed", "coded"} if report["trial"]["kept"] else {"raw"})
+    assert all(r["mismatches"] == [] for r in first + trial + settled)
 
 
 @pytest.mark.slow  # 4 processes, three launches through the worker (25-35 s here)
