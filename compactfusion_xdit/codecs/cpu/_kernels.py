@@ -224,6 +224,14 @@ def _unpack(data, n, bits, codes):
 # ---- int8 / int4 / int2 --------------------------------------------------------------------------
 
 @njit(**_INLINE)
+def _fold_abs(u, amax, allbits):
+    """One element's bits u folded into a row's max |r| as bits (ordered like the value, NaN above
+    inf) and the AND of its bits (which says whether every element is -0)."""
+    a = u & np.uint32(0x7FFFFFFF)
+    return (a if a > amax else amax), allbits & u
+
+
+@njit(**_INLINE)
 def _absmax_scale(amax, allbits, qmax):
     """bf16(max|r| / qmax) as float32, and its bits, from the row's max |r| as bits and the AND of
     its bits; a zero row keeps the sign torch gives it."""
@@ -237,27 +245,27 @@ def _absmax_scale(amax, allbits, qmax):
 
 
 @njit(**_INLINE)
-def _q_absmax(rc, s, fq, lim, off):
-    """The code of rc: clamp(rint(rc / s), -qmax, qmax) + offset; NaN -> 0 (torch's uint8 cast of NaN)."""
-    v = rc / s
-    v = lim if v > lim else v  # |v| under 2**22 for the rint trick; NaN passes through
-    v = -lim if v < -lim else v
-    q = (v + RINT_MAGIC) - RINT_MAGIC
-    q = fq if q > fq else q
-    q = -fq if q < -fq else q
+def _code_of(q, lo, hi, off):
+    """clamp(q, lo, hi) + off as a uint8 code; NaN -> 0 (torch's uint8 cast of NaN)."""
+    q = hi if q > hi else q
+    q = lo if q < lo else q
     q = q if q == q else -off
     return np.uint8(np.int32(q + off))
 
 
 @njit(**_INLINE)
+def _q_absmax(rc, s, fq, lim, off):
+    """The code of rc: clamp(rint(rc / s), -qmax, qmax) + offset."""
+    v = rc / s
+    v = lim if v > lim else v  # |v| under 2**22 for the rint trick; NaN passes through
+    v = -lim if v < -lim else v
+    return _code_of((v + RINT_MAGIC) - RINT_MAGIC, -fq, fq, off)
+
+
+@njit(**_INLINE)
 def _q_int2(rc, d):
-    """The code of rc: clamp(floor(rc / d), -2, 1) + 2; NaN -> 0."""
-    two = np.float32(2.0)
-    q = np.floor(rc / d)
-    q = F32_ONE if q > F32_ONE else q
-    q = -two if q < -two else q
-    q = q if q == q else -two
-    return np.uint8(np.int32(q + two))
+    """The code of rc: clamp(floor(rc / d), -2, 1) + 2."""
+    return _code_of(np.floor(rc / d), np.float32(-2.0), F32_ONE, np.float32(2.0))
 
 
 @njit(**_JIT)
@@ -266,10 +274,7 @@ def _row_scale_absmax(r, qmax):
     amax = np.uint32(0)
     allbits = np.uint32(0xFFFFFFFF)
     for c in range(r.shape[0]):
-        u = f32_bits(r[c])
-        a = u & np.uint32(0x7FFFFFFF)  # |r| as bits: ordered like the value, NaN above inf
-        amax = a if a > amax else amax
-        allbits &= u
+        amax, allbits = _fold_abs(f32_bits(r[c]), amax, allbits)
     return _absmax_scale(amax, allbits, qmax)
 
 
@@ -612,19 +617,13 @@ def _residual_row(x, base, n, residual, bf, r):
             d = v - b
             r[c] = d
             acc |= _nonfinite_bits(v)
-            u = f32_bits(d)
-            a = u & np.uint32(0x7FFFFFFF)
-            amax = a if a > amax else amax
-            allbits &= u
+            amax, allbits = _fold_abs(f32_bits(d), amax, allbits)
     else:
         for c in range(C):
             v = load_elem(x, n, c)
             r[c] = v
             acc |= _nonfinite_bits(v)
-            u = f32_bits(v)
-            a = u & np.uint32(0x7FFFFFFF)
-            amax = a if a > amax else amax
-            allbits &= u
+            amax, allbits = _fold_abs(f32_bits(v), amax, allbits)
     if acc & np.uint32(0x80000000):
         for c in range(C):
             r[c] = F32_ZERO
