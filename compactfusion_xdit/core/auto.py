@@ -18,7 +18,8 @@ The life of a decision (one `AutoSelector` per `ResidualState` whose config is i
    rank loses to the exchange (`exposed_seconds`): the raw wait measured at each exchange's point
    of use, less what the smaller payload saves on the link, plus encode + decode. A transfer that
    hid behind compute (PipeFusion's hops, displaced patches' gathers, ring hops behind attention)
-   left no wait, so coding it only costs; ``none`` wins when coding does not pay. Candidates: none, residual-int8, -int4, -int2, -1bit, up to the floor (``auto_floor``).
+   left no wait, so coding it only costs; ``none`` wins when coding does not pay. Candidates:
+   none, residual-int8, -int4, -int2, -1bit, up to the floor (``auto_floor``).
    PipeFusion and step parallelism (`between_requests`): their ranks are not in lock-step within a
    request (a collective there would wait for a stage that waits for it), so the measured request
    is sent raw throughout and the ranks agree in `begin_request` of the next request, where no rank
@@ -107,8 +108,8 @@ class AutoSelector:
         self.between_requests = False
         self._ran = False  # a step of the current request was set (every rank alike: see `stepped`)
         self._span = [None, None]  # perf_counter of this request's first and last step after the warm-up
-        #: Between requests: the model's pick on trial for one request, {"raw_s": the measured raw
-        #: request's coded part, slowest rank; "model": the model's own decision}; None otherwise.
+        #: Between requests, while the model's pick is on trial for one request: {"raw_s": the
+        #: measured raw request's coded part, slowest rank}; None otherwise.
         self.trial: dict[str, Any] | None = None
         self._reset_measurements()
 
@@ -218,7 +219,7 @@ class AutoSelector:
         for path, nbytes in self._bytes.items():
             latency, per_byte = self._probed.get(path) or link_fit(self._times[path])
             sample = self._samples.get(path)
-            waits = [(n, len(w) / steps, _median(w)) for n, w in sorted(self._waits[path].items())]
+            waits = [(n, len(w) / steps, _low_quantile(w, 0.5)) for n, w in sorted(self._waits[path].items())]
             out[path] = {"bytes_per_step": nbytes / steps, **_link_view(latency, per_byte), "waits": waits,
                          "codecs": _codec_costs(sample, self.candidates, self.config.error_feedback)}
         return out
@@ -245,18 +246,12 @@ class AutoSelector:
         mine = {"settings": self.settings(), "measured": self.measurements(), "span": span,
                 "links": {path: sorted(links) for path, links in self._links.items()},
                 "biggest": {path: max(self._times[path]) for path in self._links}}
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, mine)
-        else:
-            gathered = [mine]
+        gathered = _gather(mine)
         check_settings(gathered)
         links = _links_of(gathered)
-        if links and distributed:  # every rank gathered the same links: every rank probes them alike
+        if links and len(gathered) > 1:  # every rank gathered the same links: every rank probes them alike
             probed = {path: probe_links(path, pairs, nbytes, dist.get_rank()) for path, (pairs, nbytes) in links.items()}
-            everyone: list = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, {p: r for p, r in probed.items() if r is not None})
+            everyone = _gather({p: r for p, r in probed.items() if r is not None})
             for entry, results in zip(gathered, everyone):
                 for path, (latency, per_byte) in results.items():
                     if path in entry["measured"]:
@@ -264,13 +259,9 @@ class AutoSelector:
         self.decision, self.report = decide(gathered, self.candidates)
         spans = [entry.get("span") for entry in gathered]
         if self.between_requests and not envs.get(FAKE_RATE_ENV) and all(spans) and len(self.candidates) > 1:
-            self.trial = {"raw_s": max(spans), "model": dict(self.decision)}
+            self.trial = {"raw_s": max(spans)}
             self.decision = {path: _best_coded(r["candidates"]) for path, r in self.report.items()}
-            for path, report in self.report.items():
-                report["codec"] = self.decision[path]
-                report["expected_ms"] = report["candidates"][report["codec"]]
-                report["trial"] = {"codec": self.decision[path], "raw_s": round(max(spans), 4), "coded_s": None,
-                                   "kept": None}
+            self._report_trial(self.decision, None, None)
         self.decisions += 1
         self._requests_since = 0
         self._coded = False
@@ -281,27 +272,25 @@ class AutoSelector:
         """End the trial: one world collective shares each rank's `span` of the trial request; its
         codecs hold if the slowest rank's span beat the raw request's by `TRIAL_MARGIN`, else every
         path sends raw (``none``). Same data on every rank, same answer."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            spans: list = [None] * dist.get_world_size()
-            dist.all_gather_object(spans, span)
-        else:
-            spans = [span]
-        trial, self.trial = self.trial, None
+        spans = _gather(span)
         coded_s = max(spans) if all(spans) else None
-        kept = coded_s is not None and coded_s < (1.0 - TRIAL_MARGIN) * trial["raw_s"]
+        kept = coded_s is not None and coded_s < (1.0 - TRIAL_MARGIN) * self.trial["raw_s"]
         tried = self.decision
         if not kept:
             self.decision = {path: "none" for path in tried}
-        for path, report in self.report.items():
-            report["codec"] = self.decision.get(path, "none")
-            report["expected_ms"] = report["candidates"].get(report["codec"])
-            report["trial"] = {"codec": tried.get(path), "raw_s": round(trial["raw_s"], 4),
-                               "coded_s": None if coded_s is None else round(coded_s, 4), "kept": kept}
+        self._report_trial(tried, coded_s, kept)
+        self.trial = None
         self._requests_since = 0
         self._coded = False
         return self.decision
+
+    def _report_trial(self, tried: dict[str, str], coded_s: float | None, kept: bool | None) -> None:
+        """Each path's report: the current decision and the trial of `tried` (pending: kept None)."""
+        for path, report in self.report.items():
+            report["codec"] = self.decision[path]
+            report["expected_ms"] = report["candidates"][report["codec"]]
+            report["trial"] = {"codec": tried[path], "raw_s": round(self.trial["raw_s"], 4),
+                               "coded_s": None if coded_s is None else round(coded_s, 4), "kept": kept}
 
     def stats(self) -> dict[str, Any]:
         return {path: dict(r) for path, r in self.report.items()}
@@ -313,9 +302,15 @@ def _best_coded(candidates: dict[str, float]) -> str:
     return min(coded, key=lambda n: (candidates[n], coded.index(n)))
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
+def _gather(obj: Any) -> list:
+    """Every rank's `obj` in rank order (one ``all_gather_object`` on the world), or ``[obj]`` alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _low_quantile(values: list[float], q: float = 0.25) -> float:
@@ -450,10 +445,8 @@ def exposed_seconds(view: dict[str, Any], name: str) -> float:
     without ``waits`` counts every transfer whole."""
     ratio, cost = view["codecs"].get(name, (1.0, 0.0))
     rate = max(view["MBps"], 1e-12) * 1e6
-    waits = view.get("waits")
-    if waits is None:
-        n = view["bytes_per_step"]
-        return n * ratio / rate + n * cost
+    n = view["bytes_per_step"]
+    waits = view.get("waits") or [(n, 1.0, n / rate)]
     return sum(count * (max(wait - n * (1.0 - ratio) / rate, 0.0) + n * cost) for n, count, wait in waits)
 
 

@@ -92,7 +92,6 @@ class UNetPatchParallel(PatchParallel):
         """A displaced-mode warm-up step: every rank runs the whole latent through the stock layers."""
         return self.mode == "displaced" and self.step < self.warmup
 
-
     def band_rows(self, height: int, multiple: int, pixels_per_row: int = 1) -> None:
         """Refuse a latent `height` whose bands would not stay aligned through the UNet's `multiple`
         (2 ** down-samplings); the message speaks of image pixels (`pixels_per_row` per latent row)."""
