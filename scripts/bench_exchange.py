@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tokens % args.ranks or args.heads % args.ranks:
         p.error(f"--tokens ({args.tokens}) and --heads ({args.heads}) must divide by --ranks ({args.ranks})")
+    kernels = _compiled_kernels()
     if args.loopback:
-        return _loopback_table(args)
+        return _loopback_table(args, kernels)
     from compactfusion_xdit.testing import run_ranks
 
     rows = []
@@ -165,11 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['compression']:<18}{r['cpu_us_per_layer']:>14.0f}{over(r['cpu_overhead_us']):>10}"
               f"{r['wall_us_per_layer']:>15.0f}{over(r['wall_overhead_us']):>10}")
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "rows": rows, "cpu_count": os.cpu_count()}, f, indent=1)
+        json.dump({"args": vars(args), "rows": rows, "cpu_count": os.cpu_count(), "cpu_kernels": kernels}, f, indent=1)
     return 0
 
 
-def _loopback_table(args) -> int:
+def _compiled_kernels() -> str:
+    """Wait for the compiled CPU codecs (a first compile takes about a minute), so that no process
+    measures the torch path by accident; their status, for the JSON."""
+    from compactfusion_xdit.codecs import cpu
+
+    if cpu.enabled() and not cpu.ensure_compiled(timeout=900):
+        print("warning: the compiled CPU codecs are unavailable; the torch reference codes", file=sys.stderr)
+    return cpu.status()
+
+
+def _loopback_table(args, kernels: str) -> int:
     names = args.compressions.split(",")
     best = {n: float("inf") for n in names}
     for _ in range(args.repeats):
@@ -186,7 +197,7 @@ def _loopback_table(args) -> int:
         rows.append({"compression": n, "us_per_layer": 1e6 * best[n], "overhead_us": over})
         print(f"{n:<18}{1e6 * best[n]:>10.0f}{'' if over is None else f'{over:.0f}':>10}")
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "rows": rows, "cpu_count": os.cpu_count()}, f, indent=1)
+        json.dump({"args": vars(args), "rows": rows, "cpu_count": os.cpu_count(), "cpu_kernels": kernels}, f, indent=1)
     return 0
 
 

@@ -64,7 +64,10 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", default="a cat")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--requests", type=int, default=3, help="measured requests per rate, after one warm-up (3)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per launch (all its rates)")
+    p.add_argument("--rounds", type=int, default=1, help="run every codec this many times per method, in turn "
+                   "(none, int4, ..., none, int4, ...), and pool each cell's requests: a stretch of minutes in "
+                   "which the machine runs slow then touches every codec alike (1)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per codec run (all its rates)")
     p.add_argument("--out", default="bench_network_out")
     p.add_argument("--quick", action="store_true", help="CI: 2 ranks, 1gbit, ulysses, none + residual-int4, "
                    "tiny-flux 64x64, 4 steps, 1 measured request")
@@ -75,6 +78,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     if opts.requests < 1:  # the first request of each phase warms up and is never reported as latency
         p.error(f"--requests {opts.requests}: at least one measured request is needed after the warm-up")
+    if opts.rounds < 1:
+        p.error(f"--rounds {opts.rounds}: at least one round is needed")
     if opts.quick:
         opts.ranks, opts.rates, opts.methods, opts.codecs = 2, "1gbit", "ulysses", "none,residual-int4"
         opts.model, opts.height, opts.width, opts.steps, opts.requests = "tiny-flux", 64, 64, 4, 1
@@ -102,6 +107,24 @@ def worker_argv(opts, model_path: str, codec: str, method_flags: list[str]) -> l
             "--max_sequence_length", "16", "--output_type", "pil", "--compression", codec, *method_flags]
 
 
+def pool_rounds(outs: list[dict], n_codecs: int) -> list[dict]:
+    """One entry per codec from a launch whose runs were the codecs in turn, round after round:
+    per phase every round's measured requests (``latencies_s``, in round order; ``rounds_s``: each
+    round's median), the first round's warm-up and image, the last round's traffic and auto report
+    (auto has settled by then, as within one round)."""
+    pooled = []
+    for c in range(n_codecs):
+        mine = outs[c::n_codecs]
+        phases = []
+        for k, last in enumerate(mine[-1]["phases"]):
+            rounds = [out["phases"][k]["latencies_s"] for out in mine]
+            phases.append({**last, "warmup_s": mine[0]["phases"][k]["warmup_s"],
+                           "latencies_s": [t for lat in rounds for t in lat],
+                           "rounds_s": [statistics.median(lat) for lat in rounds]})
+        pooled.append({**mine[0], "phases": phases})
+    return pooled
+
+
 def build_rows(method: str, codec: str, rates: list[str], result: dict, reference: np.ndarray | None,
                ranks: int) -> list[dict]:
     image = result["image"]
@@ -113,6 +136,7 @@ def build_rows(method: str, codec: str, rates: list[str], result: dict, referenc
         lat = phase["latencies_s"]
         rows.append({"method": method, "codec": codec, "rate": rate, "ranks": ranks,
                      "latency_s": statistics.median(lat), "latencies_s": lat, "warmup_s": phase["warmup_s"],
+                     "rounds_s": phase.get("rounds_s", [statistics.median(lat)]),
                      "raw_bytes": phase["raw_bytes"], "sent_bytes": phase["sent_bytes"],
                      "psnr_db": quality, "identical": image is not None and reference is not None and quality is None,
                      **({"auto": phase["auto"]} if phase.get("auto") else {})})
@@ -167,12 +191,18 @@ def _mb(n) -> str:
     return "–" if n is None else f"{n / 1e6:.2f}"
 
 
+def _requests(result: dict) -> str:
+    rounds = result.get("rounds", 1)
+    each = f"{result['requests']} requests after a warm-up"
+    return each if rounds == 1 else f"{rounds} rounds x {each} (codecs run in turn, round after round)"
+
+
 def markdown(result: dict) -> str:
     """Rows: method x codec; columns: latency (speed-up over none) per rate; then bytes and PSNR."""
     rows = [r for r in result["rows"] if "error" not in r]
     rates = result["rates"]
     head = (f"{result['ranks']} ranks, model `{result['model']}` {result['height']}x{result['width']}, "
-            f"{result['steps']} steps; median latency of {result['requests']} requests after a warm-up, in seconds "
+            f"{result['steps']} steps; median latency of {_requests(result)}, in seconds "
             f"(speed-up over the same method uncompressed); single-process latency "
             f"{result['single_latency_s']:.2f} s. Bytes: summed over ranks per request.\n\n")
     own = [f"`{m}` runs `{model}` {h}x{w} (PSNR against its own single process)"
@@ -278,7 +308,7 @@ def run(opts, out_dir: str | None = None) -> dict:
         print(f"bench_network: compiled CPU codecs unavailable ({cpu.status()}); ranks use the torch path",
               file=sys.stderr)
     result = {"ranks": opts.ranks, "model": model, "height": opts.height, "width": opts.width, "steps": opts.steps,
-              "requests": opts.requests, "rates": rates, "methods": chosen, "codecs": codecs,
+              "requests": opts.requests, "rounds": opts.rounds, "rates": rates, "methods": chosen, "codecs": codecs,
               "command": shlex.join(["python", "scripts/bench_network.py", *sys.argv[1:]]), "rows": []}
     port = 29600
     with netns.Star(opts.ranks, tag=opts.tag) as star:
@@ -300,14 +330,15 @@ def run(opts, out_dir: str | None = None) -> dict:
                 method_path = plan.model_path(own)
                 method_reference = launch([worker_argv(method_opts, method_path, "none", [])], 1, ["unshaped"],
                                           opts.requests, opts.timeout, None, ports.free_port())[0]["image"]
-            runs = [worker_argv(method_opts, method_path, codec, flags) for codec in codecs]
+            runs = [worker_argv(method_opts, method_path, codec, flags) for _ in range(opts.rounds) for codec in codecs]
             try:
-                outs = launch(runs, opts.ranks, rates, opts.requests, opts.timeout * len(codecs), star, port)
+                outs = pool_rounds(launch(runs, opts.ranks, rates, opts.requests, opts.timeout * len(runs), star, port),
+                                   len(codecs))
                 rows = [row for codec, out in zip(codecs, outs)
                         for row in build_rows(method, codec, rates, out, method_reference, opts.ranks)]
             except BenchError as err:
                 rows = [{"method": method, "codec": codec, "error": str(err)} for codec in codecs]
-            port += len(codecs) + 1
+            port += len(runs) + 1
             result["rows"] += rows
             print(f"{method} ({time.monotonic() - started:.0f} s):", flush=True)
             for row in rows:

@@ -24,7 +24,8 @@ The life of a decision (one `AutoSelector` per `ResidualState` whose config is i
    request (a collective there would wait for a stage that waits for it), so the measured request
    is sent raw throughout and the ranks agree in `begin_request` of the next request, where no rank
    has anything in flight. Their point-to-point links are probed all at once (`probe_links`). The
-   model's best coded candidate then runs that request on trial, and holds only if its steps after
+   coded candidate that would cost least were its transfers waited on whole (`_best_coded`) then
+   runs that request on trial, and holds only if its steps after
    the warm-up beat the raw request's by `TRIAL_MARGIN` (`settle_trial`, at the next begin), else
    the paths go raw: a pipeline's waits compound in ways a per-exchange model under-counts.
 3. Hold. The decision holds for the launch; it is dropped (and measured again in the next
@@ -52,9 +53,12 @@ REPEATS = 3
 PROBE_REPEATS = 5  # all-to-alls per size in a link probe (the fastest counts)
 PROBE_TINY_BYTES = 64  # per peer: the probe's latency-only message
 #: A codec must save this share of the raw exchange's expected time to be chosen: the model leaves
-#: out each coded message's fixed costs (plans, buffers, Python), so a near-tie goes to ``none``
-#: (measured: PipeFusion on an unshaped veth link, 521 MB/s, int2 expected 5 % under none).
-CODING_MARGIN = 0.2
+#: out each coded message's fixed costs (plans, buffers, Python), so a near-tie goes to ``none``.
+#: It was 0.2 while PipeFusion decided on the model alone (on an unshaped veth link, 521 MB/s, its
+#: int2 was modelled 5 % under none and measured slower); the between-requests paths now try their
+#: pick, and on lock-step paths 0.2 hid real gains (4 ranks, Ulysses at 1 Gbit/s: int2 modelled 14 %
+#: under none, measured 1.32x faster).
+CODING_MARGIN = 0.1
 PROBE_TAG = 0xA07  # point-to-point tag of the link probes (world group, between requests)
 #: Between requests the model's pick is tried on a whole request before it holds: it is kept only
 #: if the coded part of that request (the steps after the warm-up) ran this much faster than the
@@ -235,8 +239,8 @@ class AutoSelector:
         """Measure the codecs, share everything with one world collective, decide (same on every
         rank). When some rank received on point-to-point links, a second collective follows the
         probe of those links (`probe_links`). Between requests, `span`: this rank's seconds of the
-        measured raw request after its warm-up; the model's best coded candidate is then tried on
-        the next request (`settle_trial`) unless the link is faked."""
+        measured raw request after its warm-up; the best coded candidate (`_best_coded`) is then
+        tried on the next request (`settle_trial`) unless the link is faked."""
         import torch.distributed as dist
 
         for path in sorted(self._groups):  # every member of a path's group has that path: the probes pair up
@@ -260,7 +264,8 @@ class AutoSelector:
         spans = [entry.get("span") for entry in gathered]
         if self.between_requests and not envs.get(FAKE_RATE_ENV) and all(spans) and len(self.candidates) > 1:
             self.trial = {"raw_s": max(spans)}
-            self.decision = {path: _best_coded(r["candidates"]) for path, r in self.report.items()}
+            self.decision = {path: _best_coded(expected_ms(gathered, path, self.candidates, whole=True))
+                             for path in self.report}
             self._report_trial(self.decision, None, None)
         self.decisions += 1
         self._requests_since = 0
@@ -297,7 +302,12 @@ class AutoSelector:
 
 
 def _best_coded(candidates: dict[str, float]) -> str:
-    """The coded candidate with the least expected ms (ties: the finer one, listed first)."""
+    """The coded candidate with the least expected ms (ties: the finer one, listed first). The trial
+    ranks them by their whole transfers (`expected_ms` with ``whole``): where the request's own
+    waits showed a saving the per-exchange model missed (a pipeline's compounding waits, halo
+    waits absorbed by a blocking exchange), that model's hidden transfers tie the coded candidates
+    and codec-timing noise picks among them; counted whole, the smaller payload wins on a slow link
+    and the cheaper codec on a fast one."""
     coded = [name for name in candidates if name != "none"]
     return min(coded, key=lambda n: (candidates[n], coded.index(n)))
 
@@ -450,6 +460,15 @@ def exposed_seconds(view: dict[str, Any], name: str) -> float:
     return sum(count * (max(wait - n * (1.0 - ratio) / rate, 0.0) + n * cost) for n, count, wait in waits)
 
 
+def expected_ms(gathered: list[dict], path: str, names: tuple[str, ...], whole: bool = False) -> dict[str, float]:
+    """Per name, the milliseconds per step it is expected to cost `path` on the slowest rank
+    (`exposed_seconds`); `whole`: counting every transfer whole, as if waited on at once."""
+    views = [entry["measured"][path] for entry in gathered if path in entry["measured"]]
+    if whole:
+        views = [{**v, "waits": None} for v in views]
+    return {name: max(exposed_seconds(v, name) for v in views) * 1e3 for name in names}
+
+
 def decide(gathered: list[dict], names: tuple[str, ...]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
     """Per path measured by any rank: the name in `names` whose expected exchange time
     (`exposed_seconds`) on the slowest rank is least (ties: the finer one, so ``none`` first), and
@@ -458,9 +477,7 @@ def decide(gathered: list[dict], names: tuple[str, ...]) -> tuple[dict[str, str]
     decision, report = {}, {}
     for path in paths:
         views = [entry["measured"][path] for entry in gathered if path in entry["measured"]]
-        expected = {}
-        for name in names:
-            expected[name] = max(exposed_seconds(v, name) for v in views) * 1e3
+        expected = expected_ms(gathered, path, names)
         best = min(names, key=lambda n: (expected[n], names.index(n)))
         if best != "none" and "none" in expected and expected[best] > (1.0 - CODING_MARGIN) * expected["none"]:
             best = "none"

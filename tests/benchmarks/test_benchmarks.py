@@ -274,3 +274,27 @@ def test_network_efficiency_is_the_speedup_over_the_byte_ratio_bound():
     coded = rows[1]
     assert coded["comm_share_measured"] == pytest.approx(0.2) and coded["comm_share_bytes"] == pytest.approx(0.16)
     assert coded["comm_share_none"] == pytest.approx(0.2) and coded["bound"] == pytest.approx(1 / (0.8 + 0.05))
+
+
+def test_network_rounds_pool_each_codecs_requests_across_the_launch():
+    spec = importlib.util.spec_from_file_location("bench_network_script", os.path.join(SCRIPTS, "bench_network.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(codec, round_, image):
+        phases = [{"warmup_s": 9.0 + round_, "latencies_s": [float(10 * round_ + codec + k) for k in (1, 2, 3)],
+                   "raw_bytes": 100 + round_, "sent_bytes": 10 + round_, "paths": {}} for _ in range(2)]
+        return {"phases": phases, "image": image, "images": []}
+
+    # the launch runs codec 0, codec 1, codec 0, codec 1 (two rounds of two codecs)
+    outs = [run(c, r, f"img{c}{r}") for r in (0, 1) for c in (0, 1)]
+    pooled = script.pool_rounds(outs, 2)
+    assert len(pooled) == 2
+    second = pooled[1]
+    assert second["image"] == "img10"  # the first round's image
+    phase = second["phases"][1]
+    assert phase["latencies_s"] == [2.0, 3.0, 4.0, 12.0, 13.0, 14.0]
+    assert phase["rounds_s"] == [3.0, 13.0]
+    assert phase["warmup_s"] == 9.0 and phase["raw_bytes"] == 101 and phase["sent_bytes"] == 11
+    rows = script.build_rows("ring", "residual-int4", ["10mbit", "unshaped"], second, None, 2)
+    assert rows[0]["latency_s"] == 8.0 and rows[0]["rounds_s"] == [3.0, 13.0]
