@@ -67,6 +67,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="run every codec this many times per method, in turn "
                    "(none, int4, ..., none, int4, ...), and pool each cell's requests: a stretch of minutes in "
                    "which the machine runs slow then touches every codec alike (1)")
+    p.add_argument("--pin", action="store_true", help="bind rank r to the r-th CPU (one core per rank)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per codec run (all its rates)")
     p.add_argument("--out", default="bench_network_out")
     p.add_argument("--quick", action="store_true", help="CI: 2 ranks, 1gbit, ulysses, none + residual-int4, "
@@ -308,7 +309,7 @@ def run(opts, out_dir: str | None = None) -> dict:
         print(f"bench_network: compiled CPU codecs unavailable ({cpu.status()}); ranks use the torch path",
               file=sys.stderr)
     result = {"ranks": opts.ranks, "model": model, "height": opts.height, "width": opts.width, "steps": opts.steps,
-              "requests": opts.requests, "rounds": opts.rounds, "rates": rates, "methods": chosen, "codecs": codecs,
+              "requests": opts.requests, "rounds": opts.rounds, "pinned": opts.pin, "rates": rates, "methods": chosen, "codecs": codecs,
               "command": shlex.join(["python", "scripts/bench_network.py", *sys.argv[1:]]), "rows": []}
     port = 29600
     with netns.Star(opts.ranks, tag=opts.tag) as star:
@@ -332,8 +333,8 @@ def run(opts, out_dir: str | None = None) -> dict:
                                           opts.requests, opts.timeout, None, ports.free_port())[0]["image"]
             runs = [worker_argv(method_opts, method_path, codec, flags) for _ in range(opts.rounds) for codec in codecs]
             try:
-                outs = pool_rounds(launch(runs, opts.ranks, rates, opts.requests, opts.timeout * len(runs), star, port),
-                                   len(codecs))
+                outs = pool_rounds(launch(runs, opts.ranks, rates, opts.requests, opts.timeout * len(runs), star, port,
+                                          pin=opts.pin), len(codecs))
                 rows = [row for codec, out in zip(codecs, outs)
                         for row in build_rows(method, codec, rates, out, method_reference, opts.ranks)]
             except BenchError as err:

@@ -4,7 +4,8 @@
 
 SPEC holds ``runs`` (one worker argv per run, e.g. one per codec; each run builds its own process
 group on port ``port + j``, so xfuser is imported once per launch), ``phases`` (per run) and
-``requests`` (measured requests per phase, after one warm-up request), and ``workdir``. Before
+``requests`` (measured requests per phase, after one warm-up request), ``workdir``, and ``pin``
+(bind rank r to the r-th CPU). Before
 phase k (counted over all runs), rank 0 writes ``phase<k>.want`` and every rank waits for the
 controller's ``phase<k>.go`` (the controller changes the links in between). Each request runs
 between two barriers; rank 0's wall time between them is the request's latency. Rank r writes
@@ -59,6 +60,8 @@ def run(spec: dict) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     workdir = spec["workdir"]
     runs, rank, phase = [], int(os.environ.get("RANK", "0")), 0
+    if spec.get("pin"):
+        _pin(rank)
     for j, argv in enumerate(spec["runs"]):
         os.environ["MASTER_PORT"] = str(spec["port"] + j)
         if j > 0:
@@ -72,6 +75,13 @@ def run(spec: dict) -> None:
                 np.save(os.path.join(workdir, f"{name}_rank{rank}.npy"), image)
     with open(os.path.join(workdir, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "runs": runs}, f)
+
+
+def _pin(rank: int) -> None:
+    """Bind this rank (and the threads it starts later: gloo's) to one CPU, rank r to the r-th
+    allowed CPU modulo their count: one core per rank, as one device per rank in a deployment."""
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
 
 
 def _reinit_world() -> None:

@@ -72,11 +72,12 @@ def _rank_env(rank: int, world: int, master: str, port: int, ifname: str | None)
 
 
 def launch(runs: list[list[str]], world: int, rates: list[str], requests: int, timeout: float,
-           star=None, port: int = 29600, items: list[dict] | None = None) -> list[dict]:
+           star=None, port: int = 29600, items: list[dict] | None = None, pin: bool = False) -> list[dict]:
     """One launch: `world` ranks (in `star`'s namespaces, or on loopback when None) do each run
     (worker argv) in turn, each serving ``1 + requests`` requests per rate.
     With `items` (request overrides such as ``{"prompt": ..., "seed": ...}``) each run instead
-    serves every item once (one phase) and returns its images in ``"images"``.
+    serves every item once (one phase) and returns its images in ``"images"``. `pin`: each rank
+    bound to its own CPU (rank r to the r-th allowed one, modulo their count).
     Returns per run {"phases": [...], "image": uint8 array or None, "images": [...]}."""
     workdir = tempfile.mkdtemp(prefix="cfx-netbench-")
     procs, logs = [], []
@@ -84,7 +85,7 @@ def launch(runs: list[list[str]], world: int, rates: list[str], requests: int, t
         spec = os.path.join(workdir, "spec.json")
         with open(spec, "w") as f:
             json.dump({"runs": runs, "port": port, "phases": len(rates), "requests": requests, "workdir": workdir,
-                       "phase_timeout": timeout, "items": items}, f)
+                       "phase_timeout": timeout, "items": items, "pin": pin}, f)
         master = star.address(0) if star else "127.0.0.1"
         for rank in range(world):
             cmd = [sys.executable, "-m", "compactfusion_xdit.benchmarks.rank_loop", spec]
