@@ -28,6 +28,10 @@ The life of a decision (one `AutoSelector` per `ResidualState` whose config is i
    runs that request on trial, and holds only if its steps after
    the warm-up beat the raw request's by `TRIAL_MARGIN` (`settle_trial`, at the next begin), else
    the paths go raw: a pipeline's waits compound in ways a per-exchange model under-counts.
+   A lock-step path that the model puts under ``none`` by less than `CODING_MARGIN` (a near-tie)
+   goes raw for the rest of the request, whose time after the agreement is then the raw side of the
+   same trial: the next request tries the candidate (`start_trial`, at its begin), the one after
+   settles it.
 3. Hold. The decision holds for the launch; it is dropped (and measured again in the next
    request's warm-up, or the whole next request between requests) when the request shape given
    to `begin_request` changes or every ``auto_every`` requests (0: never).
@@ -112,8 +116,9 @@ class AutoSelector:
         self.between_requests = False
         self._ran = False  # a step of the current request was set (every rank alike: see `stepped`)
         self._span = [None, None]  # perf_counter of this request's first and last step after the warm-up
-        #: Between requests, while the model's pick is on trial for one request: {"raw_s": the
-        #: measured raw request's coded part, slowest rank}; None otherwise.
+        #: While a pick is on trial: {"paths": {path: the codec tried}, "raw_s": the raw request's
+        #: part after the warm-up, slowest rank (None while that request still runs: a lock-step
+        #: near-tie, see `agree`)}; None otherwise.
         self.trial: dict[str, Any] | None = None
         self._reset_measurements()
 
@@ -149,7 +154,10 @@ class AutoSelector:
                 self.agree(span)  # every rank: the same begin calls and steps, so the same answer
             return False
         if self.trial is not None and ran and shape in (None, self._shape):
-            self.settle_trial(span)  # a collective, at the same begin on every rank
+            if self.trial["raw_s"] is None:
+                self.start_trial(span)  # a collective, at the same begin on every rank
+            else:
+                self.settle_trial(span)  # likewise
             return False
         if self._coded:  # a request nested in another's begin (the pipeline's own) is not counted
             self._requests_since += 1
@@ -262,39 +270,60 @@ class AutoSelector:
                         entry["measured"][path].update(_link_view(latency, per_byte))
         self.decision, self.report = decide(gathered, self.candidates)
         spans = [entry.get("span") for entry in gathered]
-        if self.between_requests and not envs.get(FAKE_RATE_ENV) and all(spans) and len(self.candidates) > 1:
-            self.trial = {"raw_s": max(spans)}
-            self.decision = {path: _best_coded(expected_ms(gathered, path, self.candidates, whole=True))
-                             for path in self.report}
-            self._report_trial(self.decision, None, None)
+        trials = not envs.get(FAKE_RATE_ENV) and len(self.candidates) > 1
+        if self.between_requests and trials and all(spans):
+            tried = {path: _best_coded(expected_ms(gathered, path, self.candidates, whole=True)) for path in self.report}
+            self.trial = {"paths": tried, "raw_s": max(spans)}
+            self.decision = dict(tried)
+            self._report_trial(None, None)
+        elif not self.between_requests and trials:
+            near = {path: _best_coded(r["candidates"]) for path, r in self.report.items()
+                    if r["codec"] == "none" and min(r["candidates"].values()) < r["candidates"]["none"]}
+            if near:  # the rest of this request runs raw there: its time is the raw side of the trial
+                self.trial = {"paths": near, "raw_s": None}
+                now = clock()
+                self._span = [now, now]  # from after this agreement
         self.decisions += 1
         self._requests_since = 0
         self._coded = False
         self._samples.clear()  # no tensor of the request outlives the decision
         return self.decision
 
+    def start_trial(self, span: float | None) -> dict[str, str]:
+        """A lock-step near-tie (`agree`: the model put a coded candidate under ``none`` by less than
+        `CODING_MARGIN`): the request that ran raw there after the agreement has ended; one world
+        collective shares each rank's `span` of it, and the next request tries the candidate."""
+        spans = _gather(span)
+        if not all(spans):
+            self.trial = None
+            return self.decision
+        self.trial["raw_s"] = max(spans)
+        self.decision = {**self.decision, **self.trial["paths"]}
+        self._report_trial(None, None)
+        return self.decision
+
     def settle_trial(self, span: float | None) -> dict[str, str]:
         """End the trial: one world collective shares each rank's `span` of the trial request; its
-        codecs hold if the slowest rank's span beat the raw request's by `TRIAL_MARGIN`, else every
-        path sends raw (``none``). Same data on every rank, same answer."""
+        codecs hold if the slowest rank's span beat the raw request's by `TRIAL_MARGIN`, else the
+        tried paths send raw (``none``). Same data on every rank, same answer."""
         spans = _gather(span)
         coded_s = max(spans) if all(spans) else None
         kept = coded_s is not None and coded_s < (1.0 - TRIAL_MARGIN) * self.trial["raw_s"]
-        tried = self.decision
         if not kept:
-            self.decision = {path: "none" for path in tried}
-        self._report_trial(tried, coded_s, kept)
+            self.decision = {**self.decision, **{path: "none" for path in self.trial["paths"]}}
+        self._report_trial(coded_s, kept)
         self.trial = None
         self._requests_since = 0
         self._coded = False
         return self.decision
 
-    def _report_trial(self, tried: dict[str, str], coded_s: float | None, kept: bool | None) -> None:
-        """Each path's report: the current decision and the trial of `tried` (pending: kept None)."""
-        for path, report in self.report.items():
+    def _report_trial(self, coded_s: float | None, kept: bool | None) -> None:
+        """Each tried path's report: the current decision and the trial (pending: kept None)."""
+        for path, codec in self.trial["paths"].items():
+            report = self.report[path]
             report["codec"] = self.decision[path]
             report["expected_ms"] = report["candidates"][report["codec"]]
-            report["trial"] = {"codec": tried[path], "raw_s": round(self.trial["raw_s"], 4),
+            report["trial"] = {"codec": codec, "raw_s": round(self.trial["raw_s"], 4),
                                "coded_s": None if coded_s is None else round(coded_s, 4), "kept": kept}
 
     def stats(self) -> dict[str, Any]:

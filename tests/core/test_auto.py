@@ -250,6 +250,53 @@ def test_between_requests_the_pick_is_tried_on_one_request_and_kept_only_if_fast
     assert report["codec"] == state.auto.decision["pipefusion"]
 
 
+@pytest.mark.parametrize("trial_step_s, kept", [(0.5, True), (0.99, False)])
+def test_a_lock_step_near_tie_goes_raw_then_tries_the_codec_on_the_next_request(monkeypatch, trial_step_s, kept):
+    """The model puts int4 under none by less than the margin: `none` holds for the rest of the
+    request, whose steps after the agreement are the raw side of a trial; the next request codes
+    int4, and the one after keeps it only if that request was TRIAL_MARGIN faster. A path the model
+    decided outright is not tried."""
+    monkeypatch.delenv(auto.FAKE_RATE_ENV, raising=False)
+    now = [0.0]
+    monkeypatch.setattr(auto, "clock", lambda: now[0])
+    report = {"ulysses": {"link_MBps": 10.0, "codec": "none", "expected_ms": 10.0,
+                          "candidates": {"none": 10.0, "residual-int8": 9.8, "residual-int4": 9.5}},
+              "ring": {"link_MBps": 1.0, "codec": "residual-int8", "expected_ms": 5.0,
+                       "candidates": {"none": 10.0, "residual-int8": 5.0, "residual-int4": 5.5}}}
+    monkeypatch.setattr(auto, "decide", lambda gathered, names: ({"ulysses": "none", "ring": "residual-int8"},
+                                                                 {p: dict(r) for p, r in report.items()}))
+    state = ResidualState(CompressionConfig.parse("auto", auto_floor="residual-int4"))
+    keys = {"ulysses": ("ulysses", 0, "q"), "ring": ("ring", 0, "kv")}
+    shape = (8, 16)
+
+    def request(step_s):
+        state.begin_request((64, 64, 4))
+        kinds = {path: [] for path in keys}
+        for step in range(4):
+            now[0] += step_s
+            state.set_step(step)
+            for path, key in keys.items():
+                kinds[path].append(state.message_kind(key, shape, torch.float32))
+                start = state.auto_clock()
+                if start is not None:
+                    state.auto_observe(path, 4096, start, torch.randn(shape))
+        return kinds
+
+    first = request(1.0)  # agreed at step 1; ulysses raw from there on, steps 1..3 span 2 s
+    assert first["ulysses"][1:] == [MessageKind.RAW] * 3 and first["ring"][1:] == [MessageKind.CODED] * 3
+    assert state.auto.trial == {"paths": {"ulysses": "residual-int4"}, "raw_s": None}
+    tried = request(trial_step_s)  # its begin starts the trial
+    assert tried["ulysses"][1:] == [MessageKind.CODED] * 3 and state.auto.trial["raw_s"] == 2.0
+    assert state.auto.stats()["ulysses"]["trial"]["kept"] is None
+    settled = request(1.0)
+    stats = state.auto.stats()
+    assert stats["ulysses"]["trial"] == {"codec": "residual-int4", "raw_s": 2.0, "coded_s": 2 * trial_step_s, "kept": kept}
+    assert "trial" not in stats["ring"] and state.auto.decision["ring"] == "residual-int8"
+    assert state.auto.decision["ulysses"] == ("residual-int4" if kept else "none") == stats["ulysses"]["codec"]
+    assert settled["ulysses"][1:] == [MessageKind.CODED if kept else MessageKind.RAW] * 3
+    assert state.auto.trial is None and state.auto.decisions == 1
+
+
 # ----- several gloo ranks: the decision is agreed -------------------------------------------------
 
 def _auto_rank(rank: int, world: int, floors: list[str]) -> dict:
