@@ -28,8 +28,8 @@ The life of a decision (one `AutoSelector` per `ResidualState` whose config is i
    runs that request on trial, and holds only if its steps after
    the warm-up beat the raw request's by `TRIAL_MARGIN` (`settle_trial`, at the next begin), else
    the paths go raw: a pipeline's waits compound in ways a per-exchange model under-counts.
-   A lock-step path that the model puts under ``none`` by less than `CODING_MARGIN` (a near-tie)
-   goes raw for the rest of the request, whose time after the agreement is then the raw side of the
+   A lock-step path whose best coded candidate the model puts within `CODING_MARGIN` of ``none``,
+   either side (a near-tie: inside the model's error), goes raw for the rest of the request, whose time after the agreement is then the raw side of the
    same trial: the next request tries the candidate (`start_trial`, at its begin), the one after
    settles it.
 3. Hold. The decision holds for the launch; it is dropped (and measured again in the next
@@ -278,7 +278,8 @@ class AutoSelector:
             self._report_trial(None, None)
         elif not self.between_requests and trials:
             near = {path: _best_coded(r["candidates"]) for path, r in self.report.items()
-                    if r["codec"] == "none" and min(r["candidates"].values()) < r["candidates"]["none"]}
+                    if r["codec"] == "none" and len(r["candidates"]) > 1
+                    and r["candidates"][_best_coded(r["candidates"])] <= (1.0 + CODING_MARGIN) * r["candidates"]["none"]}
             if near:  # the rest of this request runs raw there: its time is the raw side of the trial
                 self.trial = {"paths": near, "raw_s": None}
                 now = clock()

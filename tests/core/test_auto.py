@@ -252,21 +252,25 @@ def test_between_requests_the_pick_is_tried_on_one_request_and_kept_only_if_fast
 
 @pytest.mark.parametrize("trial_step_s, kept", [(0.5, True), (0.99, False)])
 def test_a_lock_step_near_tie_goes_raw_then_tries_the_codec_on_the_next_request(monkeypatch, trial_step_s, kept):
-    """The model puts int4 under none by less than the margin: `none` holds for the rest of the
-    request, whose steps after the agreement are the raw side of a trial; the next request codes
-    int4, and the one after keeps it only if that request was TRIAL_MARGIN faster. A path the model
-    decided outright is not tried."""
+    """The model puts int4 within the margin of none (under it on ulysses, over it on patch):
+    `none` holds for the rest of the request, whose steps after the agreement are the raw side of
+    a trial; the next request codes int4, and the one after keeps it only if that request was
+    TRIAL_MARGIN faster. Paths the model decided outright (ring coded, sp raw) are not tried."""
     monkeypatch.delenv(auto.FAKE_RATE_ENV, raising=False)
     now = [0.0]
     monkeypatch.setattr(auto, "clock", lambda: now[0])
     report = {"ulysses": {"link_MBps": 10.0, "codec": "none", "expected_ms": 10.0,
                           "candidates": {"none": 10.0, "residual-int8": 9.8, "residual-int4": 9.5}},
+              "patch": {"link_MBps": 10.0, "codec": "none", "expected_ms": 10.0,
+                        "candidates": {"none": 10.0, "residual-int8": 12.0, "residual-int4": 10.8}},
               "ring": {"link_MBps": 1.0, "codec": "residual-int8", "expected_ms": 5.0,
-                       "candidates": {"none": 10.0, "residual-int8": 5.0, "residual-int4": 5.5}}}
-    monkeypatch.setattr(auto, "decide", lambda gathered, names: ({"ulysses": "none", "ring": "residual-int8"},
-                                                                 {p: dict(r) for p, r in report.items()}))
+                       "candidates": {"none": 10.0, "residual-int8": 5.0, "residual-int4": 5.5}},
+              "sp": {"link_MBps": 1e4, "codec": "none", "expected_ms": 1.0,
+                     "candidates": {"none": 1.0, "residual-int8": 1.2, "residual-int4": 1.15}}}
+    decision = {"ulysses": "none", "patch": "none", "ring": "residual-int8", "sp": "none"}
+    monkeypatch.setattr(auto, "decide", lambda gathered, names: (dict(decision), {p: dict(r) for p, r in report.items()}))
     state = ResidualState(CompressionConfig.parse("auto", auto_floor="residual-int4"))
-    keys = {"ulysses": ("ulysses", 0, "q"), "ring": ("ring", 0, "kv")}
+    keys = {"ulysses": ("ulysses", 0, "q"), "patch": ("patch", 0, "kv"), "ring": ("ring", 0, "kv")}
     shape = (8, 16)
 
     def request(step_s):
@@ -284,7 +288,7 @@ def test_a_lock_step_near_tie_goes_raw_then_tries_the_codec_on_the_next_request(
 
     first = request(1.0)  # agreed at step 1; ulysses raw from there on, steps 1..3 span 2 s
     assert first["ulysses"][1:] == [MessageKind.RAW] * 3 and first["ring"][1:] == [MessageKind.CODED] * 3
-    assert state.auto.trial == {"paths": {"ulysses": "residual-int4"}, "raw_s": None}
+    assert state.auto.trial == {"paths": {"ulysses": "residual-int4", "patch": "residual-int4"}, "raw_s": None}
     tried = request(trial_step_s)  # its begin starts the trial
     assert tried["ulysses"][1:] == [MessageKind.CODED] * 3 and state.auto.trial["raw_s"] == 2.0
     assert state.auto.stats()["ulysses"]["trial"]["kept"] is None
@@ -292,8 +296,10 @@ def test_a_lock_step_near_tie_goes_raw_then_tries_the_codec_on_the_next_request(
     stats = state.auto.stats()
     assert stats["ulysses"]["trial"] == {"codec": "residual-int4", "raw_s": 2.0, "coded_s": 2 * trial_step_s, "kept": kept}
     assert "trial" not in stats["ring"] and state.auto.decision["ring"] == "residual-int8"
-    assert state.auto.decision["ulysses"] == ("residual-int4" if kept else "none") == stats["ulysses"]["codec"]
-    assert settled["ulysses"][1:] == [MessageKind.CODED if kept else MessageKind.RAW] * 3
+    assert "trial" not in stats["sp"] and state.auto.decision["sp"] == "none"
+    for path in ("ulysses", "patch"):
+        assert state.auto.decision[path] == ("residual-int4" if kept else "none") == stats[path]["codec"]
+        assert settled[path][1:] == [MessageKind.CODED if kept else MessageKind.RAW] * 3
     assert state.auto.trial is None and state.auto.decisions == 1
 
 
