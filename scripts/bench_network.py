@@ -309,7 +309,8 @@ def run(opts, out_dir: str | None = None) -> dict:
         print(f"bench_network: compiled CPU codecs unavailable ({cpu.status()}); ranks use the torch path",
               file=sys.stderr)
     result = {"ranks": opts.ranks, "model": model, "height": opts.height, "width": opts.width, "steps": opts.steps,
-              "requests": opts.requests, "rounds": opts.rounds, "pinned": opts.pin, "rates": rates, "methods": chosen, "codecs": codecs,
+              "requests": opts.requests, "rounds": opts.rounds, "pinned": opts.pin, "rates": rates, "methods": chosen,
+              "codecs": codecs,
               "command": shlex.join(["python", "scripts/bench_network.py", *sys.argv[1:]]), "rows": []}
     port = 29600
     with netns.Star(opts.ranks, tag=opts.tag) as star:

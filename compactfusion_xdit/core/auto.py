@@ -29,9 +29,9 @@ The life of a decision (one `AutoSelector` per `ResidualState` whose config is i
    the warm-up beat the raw request's by `TRIAL_MARGIN` (`settle_trial`, at the next begin), else
    the paths go raw: a pipeline's waits compound in ways a per-exchange model under-counts.
    A lock-step path whose best coded candidate the model puts within `CODING_MARGIN` of ``none``,
-   either side (a near-tie: inside the model's error), goes raw for the rest of the request, whose time after the agreement is then the raw side of the
-   same trial: the next request tries the candidate (`start_trial`, at its begin), the one after
-   settles it.
+   either side (a near-tie: inside the model's error), goes raw for the rest of the request, whose
+   time after the agreement is then the raw side of the same trial: the next request tries the
+   candidate (`start_trial`, at its begin), the one after settles it.
 3. Hold. The decision holds for the launch; it is dropped (and measured again in the next
    request's warm-up, or the whole next request between requests) when the request shape given
    to `begin_request` changes or every ``auto_every`` requests (0: never).
@@ -272,14 +272,14 @@ class AutoSelector:
         spans = [entry.get("span") for entry in gathered]
         trials = not envs.get(FAKE_RATE_ENV) and len(self.candidates) > 1
         if self.between_requests and trials and all(spans):
-            tried = {path: _best_coded(expected_ms(gathered, path, self.candidates, whole=True)) for path in self.report}
+            tried = {path: _best_coded(expected_ms(gathered, path, self.candidates, whole=True))
+                     for path in self.report}
             self.trial = {"paths": tried, "raw_s": max(spans)}
             self.decision = dict(tried)
             self._report_trial(None, None)
         elif not self.between_requests and trials:
             near = {path: _best_coded(r["candidates"]) for path, r in self.report.items()
-                    if r["codec"] == "none" and len(r["candidates"]) > 1
-                    and r["candidates"][_best_coded(r["candidates"])] <= (1.0 + CODING_MARGIN) * r["candidates"]["none"]}
+                    if r["codec"] == "none" and _near_tie(r["candidates"])}
             if near:  # the rest of this request runs raw there: its time is the raw side of the trial
                 self.trial = {"paths": near, "raw_s": None}
                 now = clock()
@@ -291,9 +291,10 @@ class AutoSelector:
         return self.decision
 
     def start_trial(self, span: float | None) -> dict[str, str]:
-        """A lock-step near-tie (`agree`: the model put a coded candidate under ``none`` by less than
-        `CODING_MARGIN`): the request that ran raw there after the agreement has ended; one world
-        collective shares each rank's `span` of it, and the next request tries the candidate."""
+        """A lock-step near-tie (`agree`: the model put the best coded candidate within
+        `CODING_MARGIN` of ``none``): the request that ran raw there after the agreement has ended;
+        one world collective shares each rank's `span` of it, and the next request tries the
+        candidate."""
         spans = _gather(span)
         if not all(spans):
             self.trial = None
@@ -329,6 +330,13 @@ class AutoSelector:
 
     def stats(self) -> dict[str, Any]:
         return {path: dict(r) for path, r in self.report.items()}
+
+
+def _near_tie(candidates: dict[str, float]) -> bool:
+    """Whether the best coded candidate is expected within `CODING_MARGIN` of ``none``, either side."""
+    if len(candidates) < 2:
+        return False
+    return candidates[_best_coded(candidates)] <= (1.0 + CODING_MARGIN) * candidates["none"]
 
 
 def _best_coded(candidates: dict[str, float]) -> str:
