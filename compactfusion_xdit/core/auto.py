@@ -25,9 +25,9 @@ The life of a decision (one `AutoSelector` per `ResidualState` whose config is i
    is sent raw throughout and the ranks agree in `begin_request` of the next request, where no rank
    has anything in flight. Their point-to-point links are probed all at once (`probe_links`). The
    coded candidate that would cost least were its transfers waited on whole (`_best_coded`) then
-   runs that request on trial, and holds only if its steps after
-   the warm-up beat the raw request's by `TRIAL_MARGIN` (`settle_trial`, at the next begin), else
-   the paths go raw: a pipeline's waits compound in ways a per-exchange model under-counts.
+   runs that request on trial, and holds only if its steps after the warm-up beat the raw
+   request's by `TRIAL_MARGIN` (`settle_trial`, at the next begin), else the paths go raw: a
+   pipeline's waits compound in ways a per-exchange model under-counts.
    A lock-step path whose best coded candidate the model puts within `CODING_MARGIN` of ``none``,
    either side (a near-tie: inside the model's error), goes raw for the rest of the request, whose
    time after the agreement is then the raw side of the same trial: the next request tries the
@@ -64,9 +64,9 @@ PROBE_TINY_BYTES = 64  # per peer: the probe's latency-only message
 #: under none, measured 1.32x faster).
 CODING_MARGIN = 0.1
 PROBE_TAG = 0xA07  # point-to-point tag of the link probes (world group, between requests)
-#: Between requests the model's pick is tried on a whole request before it holds: it is kept only
-#: if the coded part of that request (the steps after the warm-up) ran this much faster than the
-#: measured raw request's, slowest rank against slowest rank.
+#: A pick on trial (between requests, or a lock-step near-tie) is kept only if the coded part of
+#: its request (the steps after the warm-up) ran this much faster than the raw request's, slowest
+#: rank against slowest rank.
 TRIAL_MARGIN = 0.03
 
 
