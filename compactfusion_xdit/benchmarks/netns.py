@@ -9,7 +9,10 @@ each link shaped with ``tc`` (both directions) to a given rate. Linux, root, ``i
 Rank i has address 10.<net>.0.<i+1>/24 on interface ``star.ifname(i)``: point ``MASTER_ADDR`` at
 rank 0's address and ``GLOO_SOCKET_IFNAME`` at the interface, and traffic between ranks crosses the
 shaped links only (each namespace has just loopback and its link). `cleanup_leftovers` removes what
-a killed run left (every namespace and root-namespace link carrying this module's prefix).
+a killed run left (every namespace and root-namespace link carrying this module's prefix). While a
+star exists, a reaper process (``python -m compactfusion_xdit.benchmarks.netns reap PID TAG``, started
+by `Star.create`) removes it, and the processes inside, should the process that made it die without
+cleaning up (``kill -9``); a clean `destroy` stops the reaper first.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 
 NS_PREFIX = "cfxb-"
 LINK_PREFIX = "cfx"
@@ -117,6 +122,7 @@ class Star:
         self.namespaces = [f"{NS_PREFIX}{self.tag}-r{i}" for i in range(ranks)]
         self._made_ns: list[str] = []
         self._made_links: list[str] = []
+        self._reaper: subprocess.Popen | None = None
         self.rate: str = "unshaped"
 
     # names ----------------------------------------------------------------------------------
@@ -152,6 +158,8 @@ class Star:
 
     def create(self) -> None:
         cleanup_leftovers(self.tag)  # a killed earlier run with this tag would block every name below
+        self._reaper = subprocess.Popen([sys.executable, "-m", __name__, "reap", str(os.getpid()), self.tag],
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
         self._add_ns(self.hub)
         _run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
         _run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
@@ -201,6 +209,10 @@ class Star:
 
     def destroy(self) -> None:
         """Remove every namespace and link made (idempotent); processes left inside are killed."""
+        if self._reaper is not None:  # we clean up ourselves: the reaper must not touch a later star
+            self._reaper.kill()
+            self._reaper.wait()
+            self._reaper = None
         for ns in reversed(self._made_ns):
             _kill_namespace_processes(ns)
             _run(["ip", "netns", "del", ns], check=False)
@@ -211,3 +223,17 @@ class Star:
                 if name in roots:
                     _run(["ip", "link", "del", name], check=False)
         self._made_links.clear()
+
+
+def reap(parent: int, tag: str, poll_s: float = 0.2) -> None:
+    """The reaper: once `parent` (the process that made `tag`'s star) has died, remove that star
+    and kill the processes inside it. A dead parent re-parents this process at once, zombie or not."""
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    cleanup_leftovers(tag)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "reap":
+        sys.exit("usage: python -m compactfusion_xdit.benchmarks.netns reap PARENT_PID TAG")
+    reap(int(sys.argv[2]), sys.argv[3])

@@ -57,6 +57,9 @@ def _image_array(out) -> np.ndarray | None:
 def run(spec: dict) -> None:
     import torch
 
+    from compactfusion_xdit.reliability import orphans
+
+    orphans.exit_with_parent(parent=os.getppid())  # the launcher (`ip netns exec` execs into us)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     workdir = spec["workdir"]
     runs, rank, phase = [], int(os.environ.get("RANK", "0")), 0

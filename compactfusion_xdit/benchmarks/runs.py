@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from compactfusion_xdit.reliability import orphans
 from compactfusion_xdit.testing import kill_all
 
 
@@ -79,7 +80,8 @@ def launch(runs: list[list[str]], world: int, rates: list[str], requests: int, t
     serves every item once (one phase) and returns its images in ``"images"``. `pin`: each rank
     bound to its own CPU (rank r to the r-th allowed one, modulo their count).
     Returns per run {"phases": [...], "image": uint8 array or None, "images": [...]}."""
-    workdir = tempfile.mkdtemp(prefix="cfx-netbench-")
+    orphans.sweep_temp("cfx-netbench-")  # a launcher killed with -9 could not remove its folder
+    workdir = tempfile.mkdtemp(prefix=f"cfx-netbench-{os.getpid()}-")
     procs, logs = [], []
     try:
         spec = os.path.join(workdir, "spec.json")
@@ -94,7 +96,8 @@ def launch(runs: list[list[str]], world: int, rates: list[str], requests: int, t
             log = open(os.path.join(workdir, f"rank{rank}.log"), "w+")
             logs.append(log)
             procs.append(subprocess.Popen(cmd, env=_rank_env(rank, world, master, port, star.ifname(rank) if star else None),
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=orphans.launcher_preexec()))  # SIGTERM when we die
         deadline, phase = time.monotonic() + timeout, 0
         while any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs):

@@ -17,7 +17,6 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 
 from compactfusion_xdit import envs
@@ -57,7 +56,8 @@ def run_to_completion(cmd: list[str], env: dict[str, str], prog: str = "xfuser")
     from the kernel (parent-death signal, Linux) and stops its ranks; the ranks themselves end
     with torchrun (`compactfusion_xdit.reliability.orphans.exit_with_parent`). Call it from the
     main thread: the parent-death signal follows the thread that started torchrun."""
-    peers_file = os.path.join(tempfile.gettempdir(), f"cfx-peers-{os.getpid()}.json")
+    orphans.sweep_temp("cfx-peers-")  # a launcher killed with -9 could not remove its file
+    peers_file = orphans.temp_path("cfx-peers-", ".json")
     env = {**env, orphans.LAUNCHER_PID_ENV: str(os.getpid()), envs.PEERS_FILE: peers_file}
     try:
         return _run(cmd, env, prog, peers_file)

@@ -155,3 +155,44 @@ def exit_with_parent(*, parent: int | None = None, poll_s: float = 0.5, grace_s:
     threading.Thread(target=_watch, args=(parent, poll_s, grace_s), name="cfx-exit-with-parent",
                      daemon=True).start()
     return True
+
+
+def temp_path(prefix: str, suffix: str = "") -> str:
+    """A path in the temp folder naming this process: ``<tmp>/<prefix><pid><suffix>``. What a launcher
+    keeps there survives a ``kill -9``; `sweep_temp` removes it on the next start."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"{prefix}{os.getpid()}{suffix}")
+
+
+def sweep_temp(prefix: str) -> list[str]:
+    """Remove the temp files and folders `temp_path(prefix, ...)` made for processes that are gone
+    (a launcher killed before it could clean up); returns what was removed."""
+    import re
+    import shutil
+    import tempfile
+
+    removed = []
+    folder = tempfile.gettempdir()
+    pattern = re.compile(re.escape(prefix) + r"(\d+)(?!\d)")
+    for name in os.listdir(folder):
+        m = pattern.match(name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -298,3 +298,29 @@ def test_network_rounds_pool_each_codecs_requests_across_the_launch():
     assert phase["warmup_s"] == 9.0 and phase["raw_bytes"] == 101 and phase["sent_bytes"] == 11
     rows = script.build_rows("ring", "residual-int4", ["10mbit", "unshaped"], second, None, 2)
     assert rows[0]["latency_s"] == 8.0 and rows[0]["rounds_s"] == [3.0, 13.0]
+
+
+@needs_netns
+def test_network_bench_leaves_nothing_after_its_launcher_is_sigkilled(tmp_path, monkeypatch):
+    """kill -9 of the launcher runs no handler: the ranks end by the parent-death signal and their
+    watchdog, the reaper removes the namespaces, and the next launch sweeps the launch folder."""
+    from compactfusion_xdit.reliability import orphans
+
+    work = tmp_path / "tmp"
+    work.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TMPDIR=str(work))
+    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "bench_network.py"), "--quick", "--tag", "ab0c6",
+                             "--out", str(tmp_path)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ranks = lambda: [p for p in _processes_mentioning(str(work)) if p != proc.pid]  # noqa: E731
+    _stop_when(proc, lambda: len(ranks()) >= 2, signal.SIGKILL, 120)
+    deadline = time.monotonic() + 15
+    while (ranks() or netns.leftovers("ab0c6")["namespaces"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ranks() == [] and netns.leftovers("ab0c6") == {"namespaces": [], "links": []}
+    left = os.listdir(work)
+    assert any(name.startswith(f"cfx-netbench-{proc.pid}-") for name in left), left
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(work))
+    orphans.sweep_temp("cfx-netbench-")
+    assert not any(name.startswith("cfx-netbench-") for name in os.listdir(work))

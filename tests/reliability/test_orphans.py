@@ -271,3 +271,25 @@ def test_sigkilled_xfuser_launch_leaves_nothing(tmp_path, marker):
     left, waited = gone_within(marker, DEADLINE)
     assert not left, f"still running {waited:.1f} s after the launcher's SIGKILL: {left}"
     print(f"xfuser job gone {waited:.2f} s after the launcher's SIGKILL")
+
+
+def test_sweep_removes_the_temp_files_of_dead_processes_only(tmp_path, monkeypatch):
+    """What a launcher kept in the temp folder (`temp_path`) outlives a kill -9; the next start's
+    `sweep_temp` removes it, and leaves a live process's files and unrelated names alone."""
+    import tempfile
+
+    from compactfusion_xdit.reliability import orphans
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"cfx-x-{dead.pid}.json").write_text("{}")
+    (tmp_path / f"cfx-x-{dead.pid}-abc").mkdir()
+    (tmp_path / f"cfx-x-{dead.pid}-abc" / "rank0.log").write_text("log")
+    live = orphans.temp_path("cfx-x-", ".json")
+    open(live, "w").close()
+    (tmp_path / "cfx-x-other").write_text("")
+    (tmp_path / f"cfx-y-{dead.pid}.json").write_text("")
+    removed = orphans.sweep_temp("cfx-x-")
+    assert sorted(removed) == sorted([str(tmp_path / f"cfx-x-{dead.pid}.json"), str(tmp_path / f"cfx-x-{dead.pid}-abc")])
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(live), "cfx-x-other", f"cfx-y-{dead.pid}.json"])
